@@ -1,0 +1,270 @@
+"""The one place where attribution code attaches itself to a model: every hook lives here, every hook is removed.
+
+Three mechanisms, each a context manager that registers module hooks on entry and removes them in ``finally``
+(so also when the forward or backward raises):
+
+* :func:`activation_rule` swaps the backward rule of every activation *call*: ``"guided"`` (guided backprop,
+  grad_in = relu(grad_out) · 1[lower < x < upper]) or ``"secant"`` (A-FMI / DeepLIFT-rescale: the derivative is
+  replaced by (σ(y) − σ(ȳ)) / (y − ȳ) between the input half and the reference half of a paired batch).
+  Rules are applied per call, so torchvision's ResNet blocks, which call one ``ReLU`` module up to three times,
+  get the rule at each call site. In-place activations are handled by giving the module a private copy of its
+  input (a forward pre-hook), so the caller's tensors and module flags are never touched.
+* :func:`capture_outputs` records the outputs of chosen modules, as differentiable tensors that later in-place
+  operations (``out += identity``, ``ReLU(inplace=True)``) cannot alter.
+* :func:`bias_units` records, in forward order, every affine unit with a bias — conv (+ the BatchNorm that
+  consumes its output, folded), linear, or a BatchNorm on its own — with its effective bias and geometry;
+  TR-GBP attributes to those biases.
+
+Activations must be modules (``nn.ReLU``, ``nn.ReLU6`` …) for rules to apply: a functional ``F.relu`` inside a
+``forward`` is invisible to hooks, as in Captum and zennit.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from attribution.errors import AttributionError
+
+# Activations whose guided rule is defined: module type -> (lower, upper) of the pass-through interval.
+GUIDED_INTERVALS: dict[type, tuple[float, float]] = {nn.ReLU: (0.0, math.inf), nn.ReLU6: (0.0, 6.0)}
+# Element-wise activations the secant rule handles (any element-wise function works; these are the ones we see).
+ELEMENTWISE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
+                           nn.Hardswish, nn.Hardtanh, nn.Softplus)
+SECANT_MIN_STEP = 1e-6  # |y − ȳ| below this: use the ordinary derivative (the secant's limit)
+
+
+class _GuidedActivation(torch.autograd.Function):
+    """Forward: clamp(x, lower, upper). Backward: relu(grad) where lower < x < upper, else 0."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lower: float, upper: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.bounds = (lower, upper)
+        return x.clamp(min=lower, max=None if math.isinf(upper) else upper)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        lower, upper = ctx.bounds
+        passing = (x > lower) & (x < upper)
+        return grad.clamp(min=0) * passing, None, None
+
+
+class _SecantActivation(torch.autograd.Function):
+    """Paired batch [input half; reference half]. Backward of the input half: secant slope to the reference."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        y = fn(x)
+        half = x.shape[0] // 2
+        z, z_ref = x[:half], x[half:]
+        derivative = _derivative(fn, x)
+        step = z - z_ref
+        secant = (y[:half] - y[half:]) / torch.where(step.abs() < SECANT_MIN_STEP, torch.ones_like(step), step)
+        slope_in = torch.where(step.abs() < SECANT_MIN_STEP, derivative[:half], secant)
+        ctx.save_for_backward(torch.cat([slope_in, derivative[half:]]))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None
+
+
+def _derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Element-wise derivative of an element-wise function at x (same shape as x)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        (d,) = torch.autograd.grad(fn(leaf).sum(), leaf)
+    return d
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is target:
+            return name or type(model).__name__
+    return type(target).__name__
+
+
+@contextmanager
+def activation_rule(model: nn.Module, rule: str) -> Iterator[None]:
+    """Within the block, every activation call in ``model`` backpropagates by ``rule`` ("guided" or "secant").
+
+    "secant" expects every activation to see a paired batch of even size [2B, …]: rows :B the inputs, rows B:
+    their references. Raises AttributionError for an activation the rule does not define.
+    """
+    if rule not in ("guided", "secant"):
+        raise AttributionError(f"unknown activation rule {rule!r}: expected 'guided' or 'secant'")
+    handles = []
+    try:
+        for module in model.modules():
+            if rule == "guided" and isinstance(module, ELEMENTWISE_ACTIVATIONS):
+                if type(module) not in GUIDED_INTERVALS:
+                    raise AttributionError(f"guided backprop has no rule for {type(module).__name__} at "
+                                           f"'{_module_path(model, module)}' (only ReLU and ReLU6)")
+            if isinstance(module, ELEMENTWISE_ACTIVATIONS):
+                handles += _attach_rule(module, rule)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _attach_rule(module: nn.Module, rule: str) -> list:
+    stash: list[Tensor] = []
+
+    def keep_input(_module: nn.Module, args: tuple) -> tuple:
+        stash.append(args[0])
+        return (args[0].clone(),) + tuple(args[1:])  # an in-place activation now writes into a private copy
+
+    def apply_rule(_module: nn.Module, _args: tuple, _out: Tensor) -> Tensor:
+        x = stash.pop()
+        if rule == "guided":
+            lower, upper = GUIDED_INTERVALS[type(module)]
+            return _GuidedActivation.apply(x, lower, upper)
+        if x.shape[0] % 2:
+            raise AttributionError("the secant rule needs a paired batch [inputs; references] of even size")
+        return _SecantActivation.apply(x, _non_inplace(module))
+
+    return [module.register_forward_pre_hook(keep_input), module.register_forward_hook(apply_rule)]
+
+
+def _non_inplace(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The module's function, bypassing its hooks (``forward``, not ``__call__``) and never in place."""
+    if getattr(module, "inplace", False):
+        return lambda t: module.forward(t.clone())
+    return module.forward
+
+
+@contextmanager
+def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list[list[Tensor]]]:
+    """Record each module's output at every call: ``captured[i]`` lists the outputs of ``modules[i]`` in call order.
+
+    The recorded tensor stays in the autograd graph (gradients w.r.t. it can be taken) and is protected from
+    later in-place operations: the module hands a copy to the rest of the network.
+    """
+    captured: list[list[Tensor]] = [[] for _ in modules]
+    handles = []
+
+    def recorder(slot: list[Tensor]):
+        def hook(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+            slot.append(out)
+            return out.clone()
+        return hook
+
+    try:
+        for module, slot in zip(modules, captured):
+            handles.append(module.register_forward_hook(recorder(slot)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class BiasUnit:
+    """An affine unit with a bias, seen in one forward call.
+
+    ``output`` [B, C, H', W'] (or [B, C] for linear) is the unit's differentiable output (after the folded
+    BatchNorm); ``bias`` [C] its effective bias; ``kernel``, ``stride``, ``padding``, ``dilation`` the geometry
+    of the producing layer (1x1 for a lone BatchNorm); ``input_size`` the (H, W) of the unit's input
+    (None for linear units).
+    """
+
+    name: str
+    output: Tensor
+    bias: Tensor
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    input_size: tuple[int, int] | None = None
+
+
+def _batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as y = scale·x + shift: returns (scale [C], shift [C])."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise AttributionError(f"BatchNorm {bn} keeps no running statistics: it cannot be folded in eval mode")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale.detach(), shift.detach()
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@contextmanager
+def bias_units(model: nn.Module) -> Iterator[list[BiasUnit]]:
+    """Record every biased affine unit of the forward passes run inside the block, in call order.
+
+    A BatchNorm whose input is exactly a conv/linear output is folded into that unit: effective bias
+    b_eff = (b − μ)·γ/√(σ² + ε) + β. Units whose effective bias is all zero are dropped at the end.
+    """
+    units: list[BiasUnit] = []
+    # id(output handed downstream) -> (that tensor, its unit), to pair conv -> BatchNorm. Holding the tensor keeps
+    # its id from being reused by another tensor within the block.
+    by_output: dict[int, tuple[Tensor, BiasUnit]] = {}
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def on_conv(module: nn.Conv2d, args: tuple, out: Tensor) -> Tensor:
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise AttributionError(f"conv '{names[module]}': TR-GBP needs integer zero padding, "
+                                   f"got padding={module.padding!r}, padding_mode={module.padding_mode!r}")
+        bias = module.bias.detach() if module.bias is not None else out.new_zeros(out.shape[1])
+        unit = BiasUnit(names[module], out, bias, _pair(module.kernel_size), _pair(module.stride),
+                        _pair(module.padding), _pair(module.dilation), tuple(args[0].shape[-2:]))
+        return _register(unit)
+
+    def on_linear(module: nn.Linear, _args: tuple, out: Tensor) -> Tensor:
+        bias = module.bias.detach() if module.bias is not None else out.new_zeros(out.shape[-1])
+        return _register(BiasUnit(names[module], out, bias))
+
+    def on_batchnorm(module: nn.modules.batchnorm._BatchNorm, args: tuple, out: Tensor) -> Tensor:
+        scale, shift = _batchnorm_affine(module)
+        handed, producer = by_output.get(id(args[0]), (None, None))
+        if handed is args[0] and producer is not None:  # fold: the conv's bias goes through the BatchNorm too
+            producer.bias = producer.bias * scale + shift
+            producer.name = f"{producer.name}+{names[module]}"
+            producer.output = out
+            return _register(producer, new=False)
+        size = tuple(args[0].shape[-2:]) if out.dim() == 4 else None
+        return _register(BiasUnit(names[module], out, shift, input_size=size))
+
+    def _register(unit: BiasUnit, new: bool = True) -> Tensor:
+        handed_on = unit.output.clone()
+        by_output[id(handed_on)] = (handed_on, unit)
+        if new:
+            units.append(unit)
+        return handed_on
+
+    try:
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                handles.append(module.register_forward_hook(on_conv))
+            elif isinstance(module, nn.Linear):
+                handles.append(module.register_forward_hook(on_linear))
+            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                handles.append(module.register_forward_hook(on_batchnorm))
+        yield units
+    finally:
+        for handle in handles:
+            handle.remove()
+        units[:] = [u for u in units if bool(u.bias.abs().max() > 0)]
+
+
+def on_gradient(tensor: Tensor, fn: Callable[[Tensor], None]) -> None:
+    """Call ``fn(grad)`` each time a backward pass reaches ``tensor`` (a tensor hook: it lives as long as the graph)."""
+    def hook(grad: Tensor) -> None:
+        fn(grad)
+    tensor.register_hook(hook)

