@@ -43,7 +43,7 @@ def vgg11_bn() -> models.ModelSpec:
 
 def randomise_batchnorm(spec: models.ModelSpec, seed: int = 1) -> models.ModelSpec:
     """Give every BatchNorm random running stats and affine parameters (a fresh BN is the identity, which would
-    hide folding mistakes) and every conv a random bias where it has one."""
+    hide folding mistakes) and every conv/linear a random bias where it has one (torchvision zeroes them)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in spec.module.modules():
@@ -53,4 +53,6 @@ def randomise_batchnorm(spec: models.ModelSpec, seed: int = 1) -> models.ModelSp
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.05)
     return spec
