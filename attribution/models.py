@@ -186,9 +186,12 @@ def _split(name: str, module: nn.Module) -> ModelSpec:
         target = m.layer4
     elif name in VGGS:
         m = module
-        features = nn.Sequential(*list(m.features)[:-1])  # up to the last conv's ReLU (A-FMI's A, 14x14)
-        head = nn.Sequential(m.features[-1], m.avgpool, nn.Flatten(1), m.classifier)
-        target = m.features[-2]
+        # Split after the last max-pool (pool5, 7x7 at 224 px), where the fully connected classifier starts: the
+        # head is then avgpool + FC/ReLU layers only, as in the A-FMI paper, and the target layer is the one
+        # pytorch-grad-cam recommends for VGG (``features[-1]``).
+        features = m.features
+        head = nn.Sequential(m.avgpool, nn.Flatten(1), m.classifier)
+        target = m.features[-1]
     else:
         features = nn.Sequential(*module.feature_modules())
         head = nn.Sequential(*module.head_modules())
