@@ -70,8 +70,7 @@ class TRGBP(Method):
         for grad in backprop.input_gradients(classes, self.name, on_unit=record if biases else None):
             r0 = grad.sum(dim=1)
             inputs.append(r0)
-            totals.append(r0 + sum((upsample(maps[-1], size) for maps in layer_maps.values()),
-                                   torch.zeros_like(r0)))
+            totals.append(r0 + _upsampled_sum([maps[-1] for maps in layer_maps.values()], size))
         total = torch.stack(totals, dim=1)  # [B, M, H, W] for the M class columns
         layers = {backprop.units[i].name: torch.stack(maps, dim=1) for i, maps in layer_maps.items()}
         layers["input"] = torch.stack(inputs, dim=1)
@@ -108,6 +107,16 @@ class TRGBP(Method):
         if remove_shared:
             chosen = chosen - per_class[:, :top_k].mean(dim=1, keepdim=True)
         return chosen
+
+
+def _upsampled_sum(maps: list[Tensor], size: torch.Size) -> Tensor | float:
+    """Σ_l bilinear_upsample(maps[l]) to ``size``; maps of equal resolution are added before upsampling
+    (upsampling is linear), so a ResNet-50's 50-odd layers cost one upsampling per resolution."""
+    by_resolution: dict[tuple[int, int], Tensor] = {}
+    for m in maps:
+        key = tuple(m.shape[-2:])
+        by_resolution[key] = by_resolution[key] + m if key in by_resolution else m
+    return sum((upsample(m, size) for m in by_resolution.values()), 0.0)
 
 
 def _detach(extras: dict) -> dict:
