@@ -96,6 +96,13 @@ class ModelSpec:
         return self
 
 
+def preprocessing_for(name: str) -> Preprocessing:
+    """The preprocessing of a zoo model, without building it (every zoo model uses ImageNet's 256 -> 224)."""
+    if name not in MODEL_NAMES:
+        raise AttributionError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return Preprocessing()
+
+
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

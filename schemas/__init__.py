@@ -1,0 +1,1 @@
+"""pyarrow schemas of every table the jobs read or write, with validation (``python -m schemas.describe``)."""

@@ -1,0 +1,209 @@
+"""The Ray actor that pins one model on one device and turns decoded samples into attribution rows."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from attribution import models
+from attribution.errors import AttributionError
+from attribution.methods import attribute_with_extras, get_method
+from schemas.attributions import ERROR_SCHEMA, attribution_schema
+from workers.decode import DECODED_SCHEMA
+
+TARGET_KINDS = ("label", "top1", "top5")
+
+
+@dataclass
+class WorkerConfig:
+    """What every actor of a run computes: model, methods with their options, targets, storage dtype."""
+
+    model: str
+    weights: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["saliency"])
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: str = "top1"
+    map_dtype: str = "float16"
+    fmi: bool = False
+    layers: bool = False
+    device: str | None = None
+    threads: int | None = None
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        """Options passed to ``method``: the user's, plus what --fmi / --layers ask for."""
+        options = dict(self.method_options.get(method, {}))
+        if method == "a_fmi" and self.fmi:
+            options["return_fmi"] = True
+        if method == "tr_gbp" and self.layers:
+            options["return_layers"] = True
+        return options
+
+
+class AttributionWorker:
+    """Ray Data callable class: the constructor loads the model once; ``__call__(batch)`` returns a batch.
+
+    Input: decoded rows (workers.decode, as a pyarrow table). Output: one row per sample — ``key``, ``shard``, ``shard_total`` and
+    two Arrow IPC blobs, ``attributions`` (rows of schemas.attributions, one per method x target) and ``errors``
+    (rows of ERROR_SCHEMA). Keeping a sample's rows in one row means Ray can split blocks anywhere without
+    splitting a sample. A method that fails on the batch is retried per sample, so one bad sample costs one
+    error row, not the batch.
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = torch.device(config.device) if config.device else models.default_device()
+        self.spec = models.load(config.model, config.weights, device=device)
+        for method in config.methods:
+            get_method(method)  # unknown names fail here, once, not per batch
+        self.size = self.spec.preprocessing.input_size
+        self.schema = attribution_schema(self.size, config.map_dtype)
+        self.calls = 0
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        self.calls += 1
+        batch: dict[str, Any] = {name: table.column(name).to_pylist() for name in DECODED_SCHEMA.names}
+        batch["pixels"] = table.column("pixels").combine_chunks().to_numpy()
+        n = len(batch["key"])
+        rows: list[list[dict]] = [[] for _ in range(n)]
+        errors: list[list[dict]] = [[] for _ in range(n)]
+        for i in range(n):
+            if batch["error"][i] is not None:
+                errors[i].append(self._error(batch, i, batch["stage"][i], None, batch["error"][i]))
+        good = [i for i in range(n) if batch["error"][i] is None]
+        if good:
+            self._attribute(batch, good, rows, errors)
+        return {
+            "key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
+            "attributions": np.array([_ipc(r, self.schema) for r in rows], dtype=object),
+            "errors": np.array([_ipc(e, ERROR_SCHEMA) for e in errors], dtype=object),
+        }
+
+    def _attribute(self, batch: dict[str, np.ndarray], good: list[int], rows: list[list[dict]],
+                   errors: list[list[dict]]) -> None:
+        spec = self.spec
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).to(spec.device)
+        images = spec.preprocessing.normalise(pixels.float() / 255.0)
+        with torch.no_grad():
+            probs = spec.module(images).softmax(dim=1)
+        k = min(5, probs.shape[1])
+        top_prob, top = probs.topk(k, dim=1)
+        targets, valid = self._targets(batch, good, top, probs.shape[1], errors)
+        if not valid:
+            return
+        images, targets = images[valid], targets[valid]
+        chosen = [good[v] for v in valid]
+        for method in self.config.methods:
+            options = self.config.options_for(method)
+            start = time.perf_counter()
+            results = self._run_method(method, images, targets, options, chosen, batch, errors)
+            seconds = (time.perf_counter() - start) / len(chosen)
+            for j, result in results.items():
+                i = chosen[j]
+                for t in range(targets.shape[1]):
+                    rows[i].append(self._row(batch, i, method, options, int(targets[j, t]),
+                                             top[valid[j]], top_prob[valid[j]], result, t, seconds))
+
+    def _targets(self, batch, good, top, num_classes, errors) -> tuple[torch.Tensor, list[int]]:
+        kind = self.config.targets
+        if kind == "top1":
+            return top[:, :1], list(range(len(good)))
+        if kind == "top5":
+            return top, list(range(len(good)))
+        labels = torch.tensor([int(batch["label"][i]) for i in good], device=top.device)
+        valid = []
+        for j, i in enumerate(good):
+            if 0 <= int(labels[j]) < num_classes:
+                valid.append(j)
+            else:
+                errors[i].append(self._error(batch, i, "attribute", None,
+                                             f"--targets label: sample has no usable label ({int(labels[j])})"))
+        return labels[:, None], valid
+
+    def _run_method(self, method, images, targets, options, chosen, batch, errors) -> dict[int, Any]:
+        """{position in batch: (maps [T,S,S], extras)}; failures become error rows."""
+        try:
+            result = attribute_with_extras(method, self.spec, images, targets, **options)
+            return {j: _slice(result, j) for j in range(len(chosen))}
+        except (AttributionError, RuntimeError, ValueError):
+            pass  # find the culprit(s): retry one sample at a time
+        out = {}
+        for j in range(len(chosen)):
+            try:
+                result = attribute_with_extras(method, self.spec, images[j:j + 1], targets[j:j + 1], **options)
+                out[j] = _slice(result, 0)
+            except (AttributionError, RuntimeError, ValueError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                errors[chosen[j]].append(self._error(batch, chosen[j], "attribute", method, reason))
+        return out
+
+    def _row(self, batch, i, method, options, target, top, top_prob, result, t, seconds) -> dict:
+        maps, extras = result
+        values = maps[t].float()
+        scale = float(values.abs().max())
+        scale = scale if scale > 0 and np.isfinite(scale) else 1.0
+        stored = (values / scale).cpu().numpy().astype(self.config.map_dtype)
+        top_list = top.tolist() + [-1] * (5 - len(top))
+        prob_list = top_prob.tolist() + [0.0] * (5 - len(top_prob))
+        fmi = extras.get("fmi")
+        layers = extras.get("layers")
+        return {
+            "key": batch["key"][i], "shard": batch["shard"][i], "model": self.config.model,
+            "weights": self.config.weights, "method": method, "options": _options_json(options),
+            "target": target, "target_kind": self.config.targets,
+            "target_rank": top_list.index(target) if target in top_list else -1,
+            "label": int(batch["label"][i]), "wnid": batch["wnid"][i], "top5": top_list, "top5_prob": prob_list,
+            "width": int(batch["width"][i]), "height": int(batch["height"][i]),
+            "bboxes": json.loads(batch["bboxes"][i]), "bboxes_input": json.loads(batch["bboxes_input"][i]),
+            "map": stored, "map_scale": scale,
+            "fmi": fmi[t].float().cpu().tolist() if fmi is not None else None,
+            "layers": [{"name": name, "height": m.shape[-2], "width": m.shape[-1],
+                        "values": m[t].float().cpu().flatten().tolist()} for name, m in layers.items()]
+            if layers is not None else None,
+            "seconds": seconds,
+        }
+
+    @staticmethod
+    def _error(batch, i, stage, method, reason) -> dict:
+        return {"key": batch["key"][i], "shard": batch["shard"][i], "stage": stage or "read", "method": method,
+                "reason": reason}
+
+
+def _slice(result, j: int) -> tuple[torch.Tensor, dict]:
+    """Sample j's maps [T, S, S] and extras (each [T, …]) from an Attribution over [B, T] targets."""
+    def take(value):
+        return {k: take(v) for k, v in value.items()} if isinstance(value, dict) else value[j]
+    return result.maps[j], take(result.extras)
+
+
+def _options_json(options: dict[str, Any]) -> str:
+    shown = {k: v for k, v in options.items() if k not in ("return_fmi", "return_layers")}
+    return json.dumps(shown, sort_keys=True, default=str)
+
+
+def _ipc(rows: list[dict], schema: pa.Schema) -> bytes:
+    """Rows as an Arrow IPC stream (an empty list gives a valid empty stream)."""
+    table = _attribution_table(rows, schema) if "map" in schema.names else pa.Table.from_pylist(rows, schema=schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _attribution_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    map_field = schema.field("map")
+    if not rows:
+        return schema.empty_table()
+    maps = np.stack([r["map"] for r in rows])
+    plain = [{k: v for k, v in r.items() if k != "map"} for r in rows]
+    others = pa.schema([f for f in schema if f.name != "map"])
+    table = pa.Table.from_pylist(plain, schema=others)
+    storage = pa.FixedShapeTensorArray.from_numpy_ndarray(maps)
+    return table.add_column(schema.get_field_index("map"), map_field, pa.chunked_array([storage],
+                                                                                       type=map_field.type))

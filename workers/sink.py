@@ -1,0 +1,195 @@
+"""Where results go: the output layout, the part writer (a Ray Data map_batches step) and per-shard commits.
+
+Layout of an output directory (local path or object-store URI)::
+
+    manifest.json                          run config, versions, per-shard status, summary
+    attributions/<shard>/part-<id>.parquet rows of schemas.attributions   (committed shards only)
+    errors/<shard>/part-<id>.parquet       rows of schemas.attributions.ERROR_SCHEMA
+    npz/<shard>/part-<id>.npz              maps + index arrays (--format npz|both)
+    _commits/<shard>.json                  commit record: the shard's files and counts
+    _staging/<shard>/…                     parts of shards not yet complete
+
+Exactly once: parts are written to ``_staging``; when the driver has seen every sample of a shard written, it
+moves the shard's parts into place and then writes the commit record. A rerun trusts only commit records:
+everything of an uncommitted shard is deleted and recomputed. Parts written by a retried task that never
+reported back are never listed in a commit, so they never reach a reader. Readers (``pandas.read_parquet`` on
+``attributions/``, DuckDB, :func:`read_table`) see whole shards, once a run has finished.
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from schemas.attributions import ERROR_SCHEMA, attribution_schema, validate_attributions, validate_errors
+from workers.shards import resolve_filesystem
+
+KINDS = ("attributions", "errors", "npz")
+SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("shard_total", pa.int64()), ("samples", pa.int64()),
+                            ("attribution_rows", pa.int64()), ("error_rows", pa.int64()), ("files", pa.string())])
+
+
+@dataclass
+class OutputStore:
+    """An output directory with the layout above."""
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = resolve_filesystem(self.uri)
+
+    def path(self, *parts: str) -> str:
+        """Filesystem path of ``parts`` under the root."""
+        return posixpath.join(self.root, *parts)
+
+    def ensure(self) -> None:
+        """Create the root directory (no-op on object stores)."""
+        self.fs.create_dir(self.root, recursive=True)
+
+    def committed(self) -> dict[str, dict]:
+        """{shard name: its commit record} for every committed shard."""
+        records = {}
+        for info in self._list(self.path("_commits")):
+            if info.base_name.endswith(".json"):
+                with self.fs.open_input_stream(info.path) as f:
+                    record = json.loads(f.read())
+                records[record["shard"]] = record
+        return records
+
+    def reset_shard(self, shard: str) -> None:
+        """Delete everything an unfinished attempt left of ``shard`` (staging and half-moved parts)."""
+        for directory in [self.path("_staging", shard)] + [self.path(kind, shard) for kind in KINDS]:
+            if self.fs.get_file_info(directory).type == pafs.FileType.Directory:
+                self.fs.delete_dir(directory)
+
+    def clear(self) -> None:
+        """Delete every output of previous runs (--overwrite)."""
+        for name in KINDS + ("_staging", "_commits"):
+            if self.fs.get_file_info(self.path(name)).type == pafs.FileType.Directory:
+                self.fs.delete_dir(self.path(name))
+        if self.fs.get_file_info(self.path("manifest.json")).type == pafs.FileType.File:
+            self.fs.delete_file(self.path("manifest.json"))
+
+    def commit(self, shard: str, staged: list[str], counts: dict) -> dict:
+        """Move ``shard``'s staged parts (paths relative to the root) into place, then write its commit record."""
+        files = []
+        for rel in sorted(staged):
+            kind, name = posixpath.basename(rel).split("-", 1)
+            final = posixpath.join(kind, shard, f"part-{name}")
+            self.fs.create_dir(self.path(kind, shard), recursive=True)
+            self.fs.move(self.path(rel), self.path(final))
+            files.append(final)
+        record = {"shard": shard, "files": files, **counts}
+        self.write_json(posixpath.join("_commits", f"{shard}.json"), record)
+        staging = self.path("_staging", shard)
+        if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
+            self.fs.delete_dir(staging)
+        return record
+
+    def write_json(self, rel: str, data: dict) -> None:
+        """Write JSON at ``rel`` atomically (temporary file, then move)."""
+        self.fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
+        tmp = self.path(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+        self.fs.move(tmp, self.path(rel))
+
+    def read_json(self, rel: str) -> dict | None:
+        """The JSON document at ``rel``, or None when absent."""
+        if self.fs.get_file_info(self.path(rel)).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return json.loads(f.read())
+
+    def committed_files(self, kind: str) -> list[str]:
+        """Paths (relative to the root) of committed files of ``kind``, sorted by shard then part."""
+        return sorted(f for record in self.committed().values() for f in record["files"]
+                      if f.startswith(kind + "/"))
+
+    def _list(self, directory: str) -> list[pafs.FileInfo]:
+        if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
+            return []
+        return self.fs.get_file_info(pafs.FileSelector(directory))
+
+
+def read_table(uri: str, kind: str = "attributions") -> pa.Table:
+    """All committed rows of ``kind`` ("attributions" or "errors") of an output directory as one table."""
+    store = OutputStore(uri)
+    files = store.committed_files(kind)
+    if not files:
+        return (ERROR_SCHEMA if kind == "errors" else pa.schema([])).empty_table()
+    return pa.concat_tables([pq.read_table(store.path(f), filesystem=store.fs) for f in files])
+
+
+def maps_of(table: pa.Table) -> np.ndarray:
+    """The maps of attribution rows as float32 [N, S, S] in the methods' own units (map · map_scale)."""
+    maps = table.column("map").combine_chunks().to_numpy_ndarray().astype(np.float32)
+    return maps * table.column("map_scale").to_numpy()[:, None, None]
+
+
+def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...], map_size: int,
+                map_dtype: str) -> pa.Table:
+    """Ray Data step: write a batch of worker output rows (one per sample) to staging, grouped by shard.
+
+    Returns one SUMMARY_SCHEMA row per shard in the batch: samples seen, rows written, staged files (JSON).
+    Every table is validated against its schema before it is written.
+    """
+    store = OutputStore(uri)
+    schema = attribution_schema(map_size, map_dtype)
+    shards = batch.column("shard").to_pylist()
+    totals = dict(zip(shards, batch.column("shard_total").to_pylist()))
+    blobs = {kind: batch.column(kind).to_pylist() for kind in ("attributions", "errors")}
+    summaries = []
+    for shard in sorted(set(shards)):
+        idx = [i for i, s in enumerate(shards) if s == shard]
+        rows = _concat([blobs["attributions"][i] for i in idx], schema)
+        errors = _concat([blobs["errors"][i] for i in idx], ERROR_SCHEMA)
+        validate_attributions(rows, map_size, map_dtype)
+        validate_errors(errors)
+        part = uuid.uuid4().hex
+        staged = []
+        if rows.num_rows and "parquet" in formats:
+            staged.append(_write_parquet(store, shard, f"attributions-{part}.parquet", rows))
+        if rows.num_rows and "npz" in formats:
+            staged.append(_write_npz(store, shard, f"npz-{part}.npz", rows))
+        if errors.num_rows:
+            staged.append(_write_parquet(store, shard, f"errors-{part}.parquet", errors))
+        summaries.append({"shard": shard, "shard_total": totals[shard], "samples": len(idx), "attribution_rows": rows.num_rows,
+                          "error_rows": errors.num_rows, "files": json.dumps(staged)})
+    return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
+
+
+def _concat(blobs: Iterable[bytes], schema: pa.Schema) -> pa.Table:
+    tables = [pa.ipc.open_stream(blob).read_all() for blob in blobs if blob]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _write_parquet(store: OutputStore, shard: str, name: str, table: pa.Table) -> str:
+    rel = posixpath.join("_staging", shard, name)
+    store.fs.create_dir(store.path("_staging", shard), recursive=True)
+    pq.write_table(table, store.path(rel), filesystem=store.fs, compression="zstd")
+    return rel
+
+
+def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table) -> str:
+    rel = posixpath.join("_staging", shard, name)
+    store.fs.create_dir(store.path("_staging", shard), recursive=True)
+    buffer = io.BytesIO()
+    arrays = {"map": table.column("map").combine_chunks().to_numpy_ndarray()}
+    for column in ("map_scale", "target", "target_rank", "label"):
+        arrays[column] = table.column(column).to_numpy()
+    for column in ("key", "shard", "model", "method"):
+        arrays[column] = np.asarray(table.column(column).to_pylist(), dtype=str)
+    np.savez_compressed(buffer, **arrays)
+    with store.fs.open_output_stream(store.path(rel)) as f:
+        f.write(buffer.getvalue())
+    return rel
