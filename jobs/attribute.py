@@ -48,8 +48,11 @@ class AttributeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run(config: AttributeConfig, worker_cls: type = AttributionWorker) -> dict:
-    """Run (or resume) an attribution job; returns the summary that is also written to the manifest."""
+def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kwargs: dict | None = None) -> dict:
+    """Run (or resume) an attribution job; returns the summary that is also written to the manifest.
+
+    ``worker_cls``/``worker_kwargs``: the actor class and extra constructor arguments (fault-injection tests).
+    """
     import ray
 
     uris = expand_shards(config.shards)
@@ -71,7 +74,7 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker) -> dict:
     samples = rows = errors = 0
     if pending:
         ensure_ray(config.address)
-        dataset = _pipeline(config, pending, worker_cls, ray)
+        dataset = _pipeline(config, pending, worker_cls, worker_kwargs or {}, ray)
         seen: dict[str, dict] = {}
         try:
             for part in dataset.iter_rows():
@@ -112,7 +115,7 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker) -> dict:
     return summary
 
 
-def _pipeline(config: AttributeConfig, pending: list[str], worker_cls: type, ray):
+def _pipeline(config: AttributeConfig, pending: list[str], worker_cls: type, worker_kwargs: dict, ray):
     """read -> decode (CPU tasks) -> attribute (actor pool) -> write parts (CPU tasks)."""
     resources = ray.cluster_resources()
     gpus = config.gpus_per_worker if config.gpus_per_worker is not None else (1 if resources.get("GPU") else 0)
@@ -127,7 +130,7 @@ def _pipeline(config: AttributeConfig, pending: list[str], worker_cls: type, ray
         ray.data.read_datasource(WebDatasetShards(pending))
         .map_batches(decode_batch, fn_kwargs={"preprocessing": preprocessing}, batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=0.5)
-        .map_batches(worker_cls, fn_constructor_kwargs={"config": worker}, batch_format="pyarrow",
+        .map_batches(worker_cls, fn_constructor_kwargs={"config": worker, **worker_kwargs}, batch_format="pyarrow",
                      batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
                      num_gpus=gpus, num_cpus=cpus)
         .map_batches(write_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,

@@ -56,3 +56,14 @@ def randomise_batchnorm(spec: models.ModelSpec, seed: int = 1) -> models.ModelSp
             elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.05)
     return spec
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded local Ray (2 CPUs) for the whole test session."""
+    import ray
+
+    from jobs.common import ensure_ray
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

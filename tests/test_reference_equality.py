@@ -25,6 +25,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from attribution.methods import attribute, attribute_with_extras
 
+pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients",
+                                        "ignore:Setting backward hooks on ReLU activations")
 RTOL = 1e-5
 MODELS = ("resnet18", "vgg11_bn", "lite0")
 OBSERVED: dict[str, float] = {}  # "method/model/comparison" -> max|ours − ref| / max|ref| (printed at the end)
@@ -208,6 +210,12 @@ def case(request) -> Case:
 
 
 @pytest.fixture(scope="module")
+def gradcam_ours(case):
+    """Our Grad-CAM for the case, computed once for both reference libraries."""
+    return attribute_with_extras("gradcam", case.spec, case.images, case.targets)
+
+
+@pytest.fixture(scope="module")
 def gbp_copy(case) -> nn.Module:
     copied = distinct_relu_copy(case.spec.module)
     with torch.no_grad():  # the rewritten copy computes the same function
@@ -240,8 +248,9 @@ def test_gbp_lite0_equals_hand_written_relu6_rule(lite0, photos):
     assert_matches(ours, ref, "gbp/lite0/hand-written ReLU6 rule")
 
 
-def test_gradcam_equals_captum(case):
-    result = attribute_with_extras("gradcam", case.spec, case.images, case.targets)
+def test_gradcam_equals_captum(case, gradcam_ours):
+    result = gradcam_ours
+    assert result.maps.dtype == torch.float32 and result.maps.shape == (4, 224, 224)
     layer = case.ref_model.get_submodule(case.layer_name)
     cam = LayerGradCam(case.ref_model, layer).attribute(case.images.clone(), target=case.targets,
                                                         relu_attributions=True)
@@ -250,8 +259,8 @@ def test_gradcam_equals_captum(case):
     assert_matches(result.extras["cam"], cam.squeeze(1), f"gradcam/{case.name}/captum (layer res)")
 
 
-def test_gradcam_equals_pytorch_grad_cam(case):
-    result = attribute_with_extras("gradcam", case.spec, case.images, case.targets)
+def test_gradcam_equals_pytorch_grad_cam(case, gradcam_ours):
+    result = gradcam_ours
     pgc_targets = [ClassifierOutputTarget(int(t)) for t in case.targets]
     model = copy.deepcopy(case.ref_model)
     layer = model.get_submodule(case.layer_name)

@@ -1,0 +1,26 @@
+"""Fault injection for tests and chaos drills: actors that die the way real ones do (they must live in an
+importable package so Ray workers can load them)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+
+from workers.attribution_worker import AttributionWorker, WorkerConfig
+
+
+class CrashOnceWorker(AttributionWorker):
+    """Kills its own process (as an OOM kill or a segfault would) on call number ``crash_on_call``, once per
+    run: the first actor to get there creates ``crash_marker`` and dies; restarted actors carry on."""
+
+    def __init__(self, config: WorkerConfig, crash_marker: str, crash_on_call: int = 2) -> None:
+        super().__init__(config)
+        self.crash_marker = Path(crash_marker)
+        self.crash_on_call = crash_on_call
+
+    def __call__(self, table: pa.Table):
+        if self.calls + 1 == self.crash_on_call and not self.crash_marker.exists():
+            self.crash_marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return super().__call__(table)
