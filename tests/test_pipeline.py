@@ -1,0 +1,272 @@
+"""jobs.attribute end to end on embedded Ray: exactly-once rows, maps equal to direct calls, NPZ = Parquet,
+resume after a kill, an actor crash, corrupt samples, and one-line CLI errors."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from attribution import models
+from attribution.images import decode_sample
+from attribution.methods import attribute
+from jobs.attribute import AttributeConfig, run
+from jobs.common import JobError
+from jobs.make_shards import photo_samples, write_shards
+from schemas.attributions import validate_attributions
+from workers.attribution_worker import WorkerConfig
+from workers.sink import OutputStore, maps_of, read_table
+from workers.testing import CrashOnceWorker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory) -> str:
+    """The real sample photos in shards of 3 (>= 2 shards)."""
+    out = tmp_path_factory.mktemp("shards")
+    shard_set = write_shards(photo_samples(), out, "photos", 3, log=lambda *_: None)
+    assert len(shard_set.shards) >= 2
+    return shard_set.pattern
+
+
+def lite0_config(shards: str, out: Path, methods=("gbp", "a_fmi"), targets="top5", **kw) -> AttributeConfig:
+    worker = WorkerConfig(model="efficientnet_lite0", weights="imagenet", methods=list(methods), targets=targets,
+                          **kw.pop("worker", {}))
+    return AttributeConfig(shards=[shards], out=str(out), worker=worker, batch_size=4, quiet=True, **kw)
+
+
+def key_triples(table) -> list[tuple]:
+    return list(zip(table.column("key").to_pylist(), table.column("method").to_pylist(),
+                    table.column("target").to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_session, photo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maps")
+    summary = run(lite0_config(photo_shards, out, format="both", worker={"map_dtype": "float16"}))
+    return out, summary
+
+
+def test_every_sample_method_target_exactly_once(full_run, photo_shards):
+    out, summary = full_run
+    table = read_table(str(out))
+    samples = photo_samples()
+    triples = key_triples(table)
+    assert len(triples) == len(set(triples)) == len(samples) * 2 * 5
+    assert {k for k, _, _ in triples} == {s.key for s in samples}
+    assert summary["samples"] == len(samples) and summary["errors"] == 0
+    assert summary["maps_written"] == table.num_rows
+    for key in {k for k, _, _ in triples}:
+        rows = table.filter(table.column("key").to_numpy(zero_copy_only=False) == key)
+        top5 = rows.column("top5")[0].as_py()
+        assert sorted(rows.column("target").to_pylist()) == sorted(top5 * 2)
+        assert sorted(rows.column("target_rank").to_pylist()) == sorted(list(range(5)) * 2)
+    for path in (out / "attributions").rglob("*.parquet"):
+        validate_attributions(pq.read_table(path), 224, "float16")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert all(s["status"] == "committed" for s in manifest["shards"].values())
+
+
+def test_stored_maps_equal_direct_calls(full_run):
+    out, _ = full_run
+    table = read_table(str(out))
+    spec = models.load("efficientnet_lite0", weights="imagenet")
+    stored = maps_of(table)
+    by_key = {s.key: s for s in photo_samples()}
+    checked = 0
+    for key in sorted(by_key)[:3]:
+        sample = by_key[key]
+        decoded = decode_sample(sample.image(), str(sample.meta["label"]).encode(),
+                                json.dumps(sample.meta).encode(), spec.preprocessing)
+        image = spec.preprocessing.normalise(torch.from_numpy(decoded.pixels).float()[None] / 255.0)
+        for method in ("gbp", "a_fmi"):
+            mask = [(k == key and m == method) for k, m, _ in key_triples(table)]
+            idx = np.flatnonzero(mask)
+            targets = torch.tensor([table.column("target")[int(i)].as_py() for i in idx])
+            direct = attribute(method, spec, image.expand(len(idx), -1, -1, -1), targets).numpy()
+            scale = np.abs(direct).max(axis=(1, 2), keepdims=True)
+            # float16 storage of map / max|map|: relative precision 2^-11 of the scale, plus batch-size noise
+            np.testing.assert_allclose(stored[idx], direct, rtol=0, atol=float(scale.max()) * 2e-3)
+            checked += len(idx)
+    assert checked == 30
+
+
+def test_npz_agrees_with_parquet(full_run):
+    out, _ = full_run
+    table = read_table(str(out))
+    store = OutputStore(str(out))
+    parquet = {t: m for t, m in zip(key_triples(table), maps_of(table))}
+    npz_files = store.committed_files("npz")
+    assert {f.split("/")[1] for f in npz_files} == set(store.committed())  # every shard has its NPZ part(s)
+    seen = 0
+    for rel in npz_files:
+        with np.load(store.path(rel)) as data:
+            for i in range(len(data["key"])):
+                triple = (str(data["key"][i]), str(data["method"][i]), int(data["target"][i]))
+                np.testing.assert_array_equal(data["map"][i].astype(np.float32) * data["map_scale"][i],
+                                              parquet[triple])
+                seen += 1
+    assert seen == table.num_rows
+
+
+def test_rerun_skips_committed_and_overwrite_recomputes(full_run, photo_shards):
+    out, _ = full_run
+    before = {p: p.stat().st_mtime_ns for p in (out / "attributions").rglob("*.parquet")}
+    again = run(lite0_config(photo_shards, out, format="both", worker={"map_dtype": "float16"}))
+    assert again["samples"] == 0 and again["shards_committed"] == again["shards"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "attributions").rglob("*.parquet")} == before
+    with pytest.raises(JobError, match="different methods"):
+        run(lite0_config(photo_shards, out, methods=("saliency",), format="both", worker={"map_dtype": "float16"}))
+
+
+def test_actor_crash_once_loses_nothing(ray_session, photo_shards, tmp_path):
+    config = lite0_config(photo_shards, tmp_path / "out", methods=("saliency",), targets="top1")
+    config.batch_size = 1
+    marker = tmp_path / "crashed"
+    summary = run(config, CrashOnceWorker, {"crash_marker": str(marker), "crash_on_call": 2})
+    assert marker.exists(), "the fault was not injected"
+    triples = key_triples(read_table(str(tmp_path / "out")))
+    assert sorted(k for k, _, _ in triples) == sorted(s.key for s in photo_samples())
+    assert len(triples) == len(set(triples))
+    assert summary["errors"] == 0
+
+
+def test_killed_run_resumes_to_the_same_result(ray_session, photo_shards, tmp_path):
+    """Kill the job (process group, SIGKILL) after its first commit; a rerun completes; result = clean run."""
+    args = ["--shards", photo_shards, "--model", "efficientnet_lite0", "--weights", "imagenet",
+            "--methods", "gbp", "--targets", "top1", "--batch-size", "1", "--map-dtype", "float32"]
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.attribute", *args, "--out", str(interrupted)],
+                            cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((interrupted / "_commits").glob("*.json")):
+            assert proc.poll() is None, "the job ended before it could be interrupted"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    committed_before = OutputStore(str(interrupted)).committed()
+    shards_total = len(json.loads((interrupted / "manifest.json").read_text())["shards"])
+    assert 1 <= len(committed_before) < shards_total
+    config = AttributeConfig(shards=[photo_shards], out=str(interrupted), batch_size=1, quiet=True,
+                             worker=WorkerConfig(model="efficientnet_lite0", weights="imagenet", methods=["gbp"],
+                                                 targets="top1", map_dtype="float32"))
+    resumed = run(config)
+    assert resumed["samples"] == len(photo_samples()) - sum(r["samples"] for r in committed_before.values())
+    clean = tmp_path / "clean"
+    run(AttributeConfig(**{**config.__dict__, "out": str(clean)}))
+    a, b = read_table(str(interrupted)), read_table(str(clean))
+    order_a, order_b = np.argsort(key_triples_str(a)), np.argsort(key_triples_str(b))
+    assert [key_triples(a)[i] for i in order_a] == [key_triples(b)[i] for i in order_b]
+    np.testing.assert_allclose(maps_of(a)[order_a], maps_of(b)[order_b], rtol=1e-5, atol=1e-7)
+    assert not list((interrupted / "_staging").rglob("*.parquet"))
+
+
+def key_triples_str(table) -> list[str]:
+    return [f"{k}|{m}|{t}" for k, m, t in key_triples(table)]
+
+
+def _raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(mode: str = "RGB", fmt: str = "JPEG", size=(64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color=100 if mode == "L" else (120, 30, 200, 10)[:len(mode)]).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _sample(key: str, image: bytes, label: int = 1, bboxes=((4, 4, 30, 30),), cls: bool = True,
+            meta: bool = True) -> list[tuple[str, bytes]]:
+    members = [(f"{key}.jpg", image)]
+    if cls:
+        members.append((f"{key}.cls", str(label).encode()))
+    if meta:
+        members.append((f"{key}.json", json.dumps({"key": key, "label": label, "width": 64, "height": 48,
+                                                   "bboxes": [list(b) for b in bboxes]}).encode()))
+    return members
+
+
+def test_bad_samples_become_error_rows(ray_session, tmp_path):
+    good = _jpeg()
+    _raw_tar(tmp_path / "bad-000000.tar",
+             _sample("ok_rgb", good) + _sample("ok_gray", _jpeg("L")) + _sample("ok_cmyk", _jpeg("CMYK"))
+             + _sample("ok_png_in_jpg", _jpeg(fmt="PNG")) + _sample("corrupt", b"\xff\xd8garbage")
+             + _sample("truncated_jpeg", good[: len(good) // 2]) + _sample("no_cls", good, cls=False)
+             + _sample("no_json", good, meta=False) + _sample("box_outside", good, bboxes=((10, 10, 90, 40),)))
+    whole = tmp_path / "whole.tar"
+    _raw_tar(whole, _sample("cut_a", good) + _sample("cut_b", good) + _sample("cut_c", good))
+    with tarfile.open(whole) as tar:
+        cut = tar.getmember("cut_c.jpg").offset_data + 100  # inside the last sample's image
+    (tmp_path / "bad-000001.tar").write_bytes(whole.read_bytes()[:cut])
+    config = AttributeConfig(shards=[str(tmp_path / "bad-{000000..000001}.tar")], out=str(tmp_path / "out"),
+                             quiet=True, batch_size=4, worker=WorkerConfig(
+                                 model="resnet18", methods=["saliency", "gradcam"], targets="label"))
+    summary = run(config)
+    rows = read_table(str(tmp_path / "out"))
+    errors = read_table(str(tmp_path / "out"), "errors").to_pylist()
+    ok_keys = {"ok_rgb", "ok_gray", "ok_cmyk", "ok_png_in_jpg", "cut_a", "cut_b"}
+    assert set(rows.column("key").to_pylist()) == ok_keys
+    assert rows.num_rows == 2 * len(ok_keys)
+    reasons = {(e["key"], e["stage"]): e["reason"] for e in errors}
+    assert "undecodable image" in reasons[("corrupt", "decode")]
+    assert "undecodable image" in reasons[("truncated_jpeg", "decode")]
+    assert reasons[("no_cls", "decode")] == "missing .cls member"
+    assert reasons[("no_json", "decode")] == "missing .json member"
+    assert "outside the 64x48 image" in reasons[("box_outside", "decode")]
+    assert "damaged tar" in reasons[("cut_c", "read")]
+    assert "tar unreadable after 2 samples" in reasons[("", "read")]
+    assert all(e["shard"] in ("bad-000000.tar", "bad-000001.tar") for e in errors)
+    assert summary["shards_committed"] == 2 and summary["errors"] == len(errors) == 7
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.attribute", *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shards", "x.tar", "--model", "resnet18", "--methods", "lime", "--out", "o"],
+     "error: unknown method 'lime'; known: saliency, gbp, gradcam, tr_gbp, a_fmi"),
+    (["--shards", "x.tar", "--model", "alexnet", "--methods", "gbp", "--out", "o"], "error: unknown model 'alexnet'"),
+    (["--shards", "/nonexistent/val-{000000..000003}.tar", "--model", "resnet18", "--methods", "gbp", "--out", "o"],
+     "error: shard /nonexistent/val-000000.tar does not exist"),
+    (["--shards", "/nonexistent/*.tar", "--model", "resnet18", "--methods", "gbp", "--out", "o"],
+     "error: no shards match /nonexistent/*.tar"),
+    (["--shards", "x.tar", "--model", "resnet18", "--methods", "gbp", "--out", "o", "--method-options", "[1]"],
+     "error: --method-options must be a JSON object of objects"),
+])
+def test_cli_errors_are_one_line(args, message, capsys):
+    from jobs.attribute import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.startswith(message), stderr
+    assert len(stderr.splitlines()) == 1
+
+
+def test_cli_error_from_a_real_process_has_no_traceback():
+    result = run_cli("--shards", "/nonexistent/x.tar", "--model", "resnet18", "--methods", "gbp", "--out", "o")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: shard /nonexistent/x.tar does not exist"
