@@ -270,3 +270,29 @@ def test_cli_error_from_a_real_process_has_no_traceback():
     result = run_cli("--shards", "/nonexistent/x.tar", "--model", "resnet18", "--methods", "gbp", "--out", "o")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: shard /nonexistent/x.tar does not exist"
+
+
+def test_uri_paths_and_optional_columns(ray_session, tmp_path):
+    """file:// URIs go through the same pyarrow filesystem layer as s3:// and gs://; --fmi and --layers fill
+    their columns."""
+    from jobs.make_shards import synthetic_samples
+
+    shard_set = write_shards(synthetic_samples(4), tmp_path / "shards", "syn", 2, log=lambda *_: None)
+    config = AttributeConfig(shards=[f"file://{tmp_path}/shards/syn-{{000000..000001}}.tar"],
+                             out=f"file://{tmp_path}/out", quiet=True, batch_size=2,
+                             worker=WorkerConfig(model="efficientnet_lite0", weights="imagenet",
+                                                 methods=["a_fmi", "tr_gbp"], targets="label", fmi=True,
+                                                 layers=True, map_dtype="float32"))
+    summary = run(config)
+    assert summary["samples"] == shard_set.num_samples == 4 and summary["errors"] == 0
+    table = read_table(f"file://{tmp_path}/out")
+    rows = table.to_pylist()
+    fmi_rows = [r for r in rows if r["method"] == "a_fmi"]
+    layer_rows = [r for r in rows if r["method"] == "tr_gbp"]
+    assert len(fmi_rows) == len(layer_rows) == 4
+    assert all(len(r["fmi"]) == 1280 and r["layers"] is None for r in fmi_rows)
+    names = [layer["name"] for layer in layer_rows[0]["layers"]]
+    assert {"_fc", "input", "_conv_stem+_bn0", "_conv_head+_bn1"} <= set(names)
+    stem = next(layer for layer in layer_rows[0]["layers"] if layer["name"] == "_conv_stem+_bn0")
+    assert (stem["height"], stem["width"]) == (224, 224) and len(stem["values"]) == 224 * 224
+    assert [r["target"] for r in fmi_rows] == [r["label"] for r in fmi_rows]
