@@ -31,7 +31,8 @@ from attribution.images import decode_sample
 from attribution.methods import attribute
 from jobs.attribute import AttributeConfig, run
 from jobs.common import ensure_ray
-from jobs.make_shards import synthetic_samples, write_shards
+from attribution.data.sample_sets import synthetic_samples
+from attribution.data.shards import write_shards
 from workers.attribution_worker import WorkerConfig
 
 

@@ -18,6 +18,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from attribution.data import imagenet as imagenet_data
+from attribution.data import sample_sets, shards
 from jobs import make_shards
 from schemas.samples import SAMPLE_SCHEMA, SYNTHETIC_CLASSES, sample_row, validate_sample_json
 from schemas.validation import validate_table
@@ -139,7 +141,7 @@ def test_imagenet_xml_shards_read_back(imagenet, capsys):
         assert int(sample["cls"]) == expected["label"]
         assert {k: meta[k] for k in expected} == expected
         assert meta["key"] == key and meta["source"] == "imagenet"
-        assert validate_sample_json(meta, key, wnids=make_shards.read_wnids(imagenet["wnids"])) == []
+        assert validate_sample_json(meta, key, wnids=imagenet_data.read_wnids(imagenet["wnids"])) == []
         with Image.open(io.BytesIO(sample["jpg"])) as image:
             assert image.format == "JPEG" and image.size == (expected["width"], expected["height"])
     # JPEG sources are stored untouched; the PNG source was encoded as JPEG
@@ -151,7 +153,7 @@ def test_imagenet_xml_shards_read_back(imagenet, capsys):
     members = _read_tar(out / "val-000000.tar") + _read_tar(out / "val-000001.tar")
     names = [m.name for m, _ in members]
     assert names == [f"{k}.{s}" for k in sorted(GOOD) for s in ("jpg", "cls", "json")]
-    assert all(m.isfile() and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mtime == make_shards.TAR_MTIME
+    assert all(m.isfile() and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mtime == shards.TAR_MTIME
                for m, _ in members)
     assert [data for m, data in members if m.name.endswith(".cls")] == [b"0", b"1", b"3"]
 
@@ -229,7 +231,7 @@ def test_bad_command_lines_exit_2_with_one_line(imagenet, tmp_path, capsys):
 
 
 def test_shipped_wnid_list():
-    wnids = make_shards.imagenet_wnids()
+    wnids = imagenet_data.imagenet_wnids()
     assert len(wnids) == 1000 and len(set(wnids)) == 1000 and wnids == sorted(wnids)
     assert (wnids[0], wnids[281], wnids[967], wnids[999]) == ("n01440764", "n02123045", "n07920052", "n15075141")
     from attribution.models import imagenet_class_names
@@ -239,7 +241,7 @@ def test_shipped_wnid_list():
                        ("n03763968", "military uniform"), ("n01751748", "sea snake")]:
         assert names[wnids.index(wnid)] == name
     # LOC_synset_mapping.txt format is accepted (line i = class i)
-    assert make_shards._parse_wnids(WNIDS_FILE, "test") == ["n01440764", "n02123045", "n02123159", "n07920052"]
+    assert imagenet_data._parse_wnids(WNIDS_FILE, "test") == ["n01440764", "n02123045", "n02123159", "n07920052"]
 
 
 def test_sample_mode(tmp_path, capsys):
@@ -252,7 +254,7 @@ def test_sample_mode(tmp_path, capsys):
     assert manifest["sets"]["synthetic"]["num_samples"] == 24
     assert f"{out.resolve()}/synthetic-{{000000..000005}}.tar" in stdout
 
-    wnids = make_shards.imagenet_wnids()
+    wnids = imagenet_data.imagenet_wnids()
     rows = []
     for set_name, entry in manifest["sets"].items():
         samples = list(wds.WebDataset(entry["pattern"], shardshuffle=False))
@@ -301,9 +303,9 @@ def _check_synthetic(meta: dict, pixels: np.ndarray) -> None:
 
 
 def test_synthetic_is_seeded():
-    a = [s.image() for s in make_shards.synthetic_samples(3, seed=1)]
-    b = [s.image() for s in make_shards.synthetic_samples(3, seed=1)]
-    c = [s.image() for s in make_shards.synthetic_samples(3, seed=2)]
+    a = [s.image() for s in sample_sets.synthetic_samples(3, seed=1)]
+    b = [s.image() for s in sample_sets.synthetic_samples(3, seed=1)]
+    c = [s.image() for s in sample_sets.synthetic_samples(3, seed=2)]
     assert a == b and a != c
 
 
@@ -311,7 +313,7 @@ def test_validate_sample_json_flags_problems():
     good = {"key": "k1", "wnid": "n02123045", "label": 281, "width": 100, "height": 50,
             "bboxes": [[0, 0, 100, 50], [10.5, 5, 20, 30.25]], "bbox_wnids": ["n02123045", None], "source": "test"}
     assert validate_sample_json(good, "k1") == []
-    assert validate_sample_json(good, "k1", wnids=make_shards.imagenet_wnids()) == []
+    assert validate_sample_json(good, "k1", wnids=imagenet_data.imagenet_wnids()) == []
 
     def problems(key="k1", **changes):
         meta = {**good, **changes}
@@ -339,5 +341,5 @@ def test_validate_sample_json_flags_problems():
     assert "2 bbox_wnids for 1 bboxes" in problems(bboxes=[[0, 0, 1, 1]])
     assert "wnid must be null" in problems(wnid="cat")
     assert "not a JSON object" in " ".join(validate_sample_json([1, 2], "k1"))
-    found = validate_sample_json({**good, "label": 282}, "k1", wnids=make_shards.imagenet_wnids())
+    found = validate_sample_json({**good, "label": 282}, "k1", wnids=imagenet_data.imagenet_wnids())
     assert found == ["k1: label 282 does not match wnid n02123045 (class 281)"]

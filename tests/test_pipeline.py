@@ -23,7 +23,8 @@ from attribution.images import decode_sample
 from attribution.methods import attribute
 from jobs.attribute import AttributeConfig, run
 from jobs.common import JobError
-from jobs.make_shards import photo_samples, write_shards
+from attribution.data.sample_sets import photo_samples
+from attribution.data.shards import write_shards
 from schemas.attributions import validate_attributions
 from workers.attribution_worker import WorkerConfig
 from workers.sink import OutputStore, maps_of, read_table
@@ -275,7 +276,7 @@ def test_cli_error_from_a_real_process_has_no_traceback():
 def test_uri_paths_and_optional_columns(ray_session, tmp_path):
     """file:// URIs go through the same pyarrow filesystem layer as s3:// and gs://; --fmi and --layers fill
     their columns."""
-    from jobs.make_shards import synthetic_samples
+    from attribution.data.sample_sets import synthetic_samples
 
     shard_set = write_shards(synthetic_samples(4), tmp_path / "shards", "syn", 2, log=lambda *_: None)
     config = AttributeConfig(shards=[f"file://{tmp_path}/shards/syn-{{000000..000001}}.tar"],
