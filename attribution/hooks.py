@@ -43,16 +43,16 @@ class _GuidedActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, lower: float, upper: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.bounds = (lower, upper)
+        passing = x > lower
+        if not math.isinf(upper):
+            passing &= x < upper
+        ctx.save_for_backward(passing)  # one byte per element
         return x.clamp(min=lower, max=None if math.isinf(upper) else upper)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        lower, upper = ctx.bounds
-        passing = (x > lower) & (x < upper)
-        return grad.clamp(min=0) * passing, None, None
+        (passing,) = ctx.saved_tensors
+        return torch.where(passing, grad, 0.0).clamp_(min=0), None, None
 
 
 class _SecantActivation(torch.autograd.Function):
@@ -120,7 +120,9 @@ def _attach_rule(module: nn.Module, rule: str) -> list:
 
     def keep_input(_module: nn.Module, args: tuple) -> tuple:
         stash.append(args[0])
-        return (args[0].clone(),) + tuple(args[1:])  # an in-place activation now writes into a private copy
+        # The module itself gets an empty tensor: it computes nothing and cannot write in place into the
+        # caller's tensor; the rule below computes the real output from the stashed input.
+        return (args[0].new_empty(0),) + tuple(args[1:])
 
     def apply_rule(_module: nn.Module, _args: tuple, _out: Tensor) -> Tensor:
         x = stash.pop()
@@ -170,10 +172,10 @@ def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list[list[Tensor]]
 class BiasUnit:
     """An affine unit with a bias, seen in one forward call.
 
-    ``output`` [B, C, H', W'] (or [B, C] for linear) is the unit's differentiable output (after the folded
-    BatchNorm); ``bias`` [C] its effective bias; ``kernel``, ``stride``, ``padding``, ``dilation`` the geometry
-    of the producing layer (1x1 for a lone BatchNorm); ``input_size`` the (H, W) of the unit's input
-    (None for linear units).
+    ``output`` [B, C, H', W'] (or [B, C] for linear) is the unit's output (after the folded BatchNorm);
+    ``bias`` [C] its effective bias; ``kernel``, ``stride``, ``padding``, ``dilation`` the geometry of the
+    producing layer (1x1 for a lone BatchNorm); ``input_size`` the (H, W) of the unit's input (None for linear
+    units); ``index`` its position among the units of the forward pass.
     """
 
     name: str
@@ -184,6 +186,7 @@ class BiasUnit:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     input_size: tuple[int, int] | None = None
+    index: int = -1
 
 
 def _batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -204,49 +207,59 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 
 
 @contextmanager
-def bias_units(model: nn.Module) -> Iterator[list[BiasUnit]]:
-    """Record every biased affine unit of the forward passes run inside the block, in call order.
+def bias_units(model: nn.Module, on_gradient: Callable[[BiasUnit, Tensor], None]) -> Iterator[list[BiasUnit]]:
+    """Record every biased affine unit of the forward passes run inside the block, in call order, and call
+    ``on_gradient(unit, grad)`` whenever a later backward pass reaches a unit's output.
 
     A BatchNorm whose input is exactly a conv/linear output is folded into that unit: effective bias
-    b_eff = (b − μ)·γ/√(σ² + ε) + β. Units whose effective bias is all zero are dropped at the end.
+    b_eff = (b − μ)·γ/√(σ² + ε) + β. Units whose effective bias is all zero are dropped at the end (and get no
+    callbacks). Outputs are not copied: the gradient hook is registered when the output is made, so an in-place
+    change later in the forward pass (``out += identity``) does not change what the hook reports.
     """
     units: list[BiasUnit] = []
-    # id(output handed downstream) -> (that tensor, its unit), to pair conv -> BatchNorm. Holding the tensor keeps
-    # its id from being reused by another tensor within the block.
+    # id(output) -> (that tensor, its unit), to pair conv -> BatchNorm. Holding the tensor keeps its id from
+    # being reused by another tensor within the block.
     by_output: dict[int, tuple[Tensor, BiasUnit]] = {}
+    live: set[int] = set()  # indices of units with a non-zero bias, known when the block ends
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
-    def on_conv(module: nn.Conv2d, args: tuple, out: Tensor) -> Tensor:
+    def on_conv(module: nn.Conv2d, args: tuple, out: Tensor) -> None:
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             raise AttributionError(f"conv '{names[module]}': TR-GBP needs integer zero padding, "
                                    f"got padding={module.padding!r}, padding_mode={module.padding_mode!r}")
         bias = module.bias.detach() if module.bias is not None else out.new_zeros(out.shape[1])
-        unit = BiasUnit(names[module], out, bias, _pair(module.kernel_size), _pair(module.stride),
-                        _pair(module.padding), _pair(module.dilation), tuple(args[0].shape[-2:]))
-        return _register(unit)
+        _register(BiasUnit(names[module], out, bias, _pair(module.kernel_size), _pair(module.stride),
+                           _pair(module.padding), _pair(module.dilation), tuple(args[0].shape[-2:])))
 
-    def on_linear(module: nn.Linear, _args: tuple, out: Tensor) -> Tensor:
+    def on_linear(module: nn.Linear, _args: tuple, out: Tensor) -> None:
         bias = module.bias.detach() if module.bias is not None else out.new_zeros(out.shape[-1])
-        return _register(BiasUnit(names[module], out, bias))
+        _register(BiasUnit(names[module], out, bias))
 
-    def on_batchnorm(module: nn.modules.batchnorm._BatchNorm, args: tuple, out: Tensor) -> Tensor:
+    def on_batchnorm(module: nn.modules.batchnorm._BatchNorm, args: tuple, out: Tensor) -> None:
         scale, shift = _batchnorm_affine(module)
-        handed, producer = by_output.get(id(args[0]), (None, None))
-        if handed is args[0] and producer is not None:  # fold: the conv's bias goes through the BatchNorm too
+        source, producer = by_output.get(id(args[0]), (None, None))
+        if source is args[0] and producer is not None:  # fold: the conv's bias goes through the BatchNorm too
             producer.bias = producer.bias * scale + shift
             producer.name = f"{producer.name}+{names[module]}"
             producer.output = out
-            return _register(producer, new=False)
+            _watch(producer, out)
+            return
         size = tuple(args[0].shape[-2:]) if out.dim() == 4 else None
-        return _register(BiasUnit(names[module], out, shift, input_size=size))
+        _register(BiasUnit(names[module], out, shift, input_size=size))
 
-    def _register(unit: BiasUnit, new: bool = True) -> Tensor:
-        handed_on = unit.output.clone()
-        by_output[id(handed_on)] = (handed_on, unit)
-        if new:
-            units.append(unit)
-        return handed_on
+    def _register(unit: BiasUnit) -> None:
+        unit.index = len(units)
+        units.append(unit)
+        _watch(unit, unit.output)
+
+    def _watch(unit: BiasUnit, tensor: Tensor) -> None:
+        by_output[id(tensor)] = (tensor, unit)
+        if tensor.requires_grad:
+            def hook(grad: Tensor) -> None:
+                if unit.output is tensor and unit.index in live:  # a folded conv's own output stays silent
+                    on_gradient(unit, grad)
+            tensor.register_hook(hook)
 
     try:
         for module in model.modules():
@@ -260,11 +273,6 @@ def bias_units(model: nn.Module) -> Iterator[list[BiasUnit]]:
     finally:
         for handle in handles:
             handle.remove()
+        by_output.clear()
         units[:] = [u for u in units if bool(u.bias.abs().max() > 0)]
-
-
-def on_gradient(tensor: Tensor, fn: Callable[[Tensor], None]) -> None:
-    """Call ``fn(grad)`` each time a backward pass reaches ``tensor`` (a tensor hook: it lives as long as the graph)."""
-    def hook(grad: Tensor) -> None:
-        fn(grad)
-    tensor.register_hook(hook)
+        live.update(u.index for u in units)

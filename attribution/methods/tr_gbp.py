@@ -57,22 +57,26 @@ class TRGBP(Method):
 
     def _attribute(self, images: Tensor, targets: Tensor, *, biases: bool = True, remove_shared: bool = True,
                    top_k: int = 5, relu: bool = False, return_layers: bool = False) -> Attribution:
-        backprop = Backprop(self.spec.module, images, rule="guided", with_bias_units=biases)
-        top_k = min(top_k, backprop.logits.shape[1])
-        classes, target_columns = self._classes(backprop.logits.detach(), targets, remove_shared, top_k)
         layer_maps: dict[int, list[Tensor]] = defaultdict(list)
 
-        def record(i: int, grad: Tensor) -> None:
-            layer_maps[i].append(bias_reconstruction(backprop.units[i], grad))
+        def record(unit: BiasUnit, grad: Tensor) -> None:
+            layer_maps[unit.index].append(bias_reconstruction(unit, grad))
 
+        backprop = Backprop(self.spec.module, images, rule="guided", on_unit=record if biases else None)
+        names: dict[int, str] = {}
+        for unit in backprop.units:  # a module called twice gives two units: "name", "name#2"
+            taken = sum(1 for n in names.values() if n == unit.name or n.startswith(unit.name + "#"))
+            names[unit.index] = unit.name if not taken else f"{unit.name}#{taken + 1}"
+        top_k = min(top_k, backprop.logits.shape[1])
+        classes, target_columns = self._classes(backprop.logits.detach(), targets, remove_shared, top_k)
         size = images.shape[-2:]
         inputs, totals = [], []
-        for grad in backprop.input_gradients(classes, self.name, on_unit=record if biases else None):
+        for grad in backprop.input_gradients(classes, self.name):
             r0 = grad.sum(dim=1)
             inputs.append(r0)
             totals.append(r0 + _upsampled_sum([maps[-1] for maps in layer_maps.values()], size))
         total = torch.stack(totals, dim=1)  # [B, M, H, W] for the M class columns
-        layers = {backprop.units[i].name: torch.stack(maps, dim=1) for i, maps in layer_maps.items()}
+        layers = {names[i]: torch.stack(maps, dim=1) for i, maps in layer_maps.items()}
         layers["input"] = torch.stack(inputs, dim=1)
 
         maps = self._select(total, target_columns, remove_shared, top_k)
