@@ -145,10 +145,12 @@ def test_actor_crash_once_loses_nothing(ray_session, photo_shards, tmp_path):
     assert summary["errors"] == 0
 
 
-def test_killed_run_resumes_to_the_same_result(ray_session, photo_shards, tmp_path):
+def test_killed_run_resumes_to_the_same_result(ray_session, tmp_path):
     """Kill the job (process group, SIGKILL) after its first commit; a rerun completes; result = clean run."""
+    # One sample per shard and the slowest method: after the first commit, six shards (> 1 s) are still to do.
+    photo_shards = write_shards(photo_samples(), tmp_path / "shards", "one", 1, log=lambda *_: None).pattern
     args = ["--shards", photo_shards, "--model", "efficientnet_lite0", "--weights", "imagenet",
-            "--methods", "gbp", "--targets", "top1", "--batch-size", "1", "--map-dtype", "float32"]
+            "--methods", "tr_gbp", "--targets", "top1", "--batch-size", "1", "--map-dtype", "float32"]
     interrupted = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.attribute", *args, "--out", str(interrupted)],
@@ -158,7 +160,7 @@ def test_killed_run_resumes_to_the_same_result(ray_session, photo_shards, tmp_pa
         deadline = time.time() + 240
         while time.time() < deadline and not list((interrupted / "_commits").glob("*.json")):
             assert proc.poll() is None, "the job ended before it could be interrupted"
-            time.sleep(0.2)
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -166,8 +168,8 @@ def test_killed_run_resumes_to_the_same_result(ray_session, photo_shards, tmp_pa
     shards_total = len(json.loads((interrupted / "manifest.json").read_text())["shards"])
     assert 1 <= len(committed_before) < shards_total
     config = AttributeConfig(shards=[photo_shards], out=str(interrupted), batch_size=1, quiet=True,
-                             worker=WorkerConfig(model="efficientnet_lite0", weights="imagenet", methods=["gbp"],
-                                                 targets="top1", map_dtype="float32"))
+                             worker=WorkerConfig(model="efficientnet_lite0", weights="imagenet",
+                                                 methods=["tr_gbp"], targets="top1", map_dtype="float32"))
     resumed = run(config)
     assert resumed["samples"] == len(photo_samples()) - sum(r["samples"] for r in committed_before.values())
     clean = tmp_path / "clean"
