@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q -e '.[test]'
+	# TorchRay (test-only reference for extremal perturbation) declares dependencies it does not need here.
+	$(PIP) install -q --no-deps torchray==1.0.0.2
 	touch $@
 
 demo: $(VENV)/.installed

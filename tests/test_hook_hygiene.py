@@ -23,11 +23,21 @@ from attribution.errors import AttributionError
 from attribution.methods import REGISTRY, attribute
 
 METHODS = sorted(REGISTRY)
+
 MODELS = ("resnet18", "vgg11_bn", "custom")
 # every per-module hook dict torch keeps; the first four are the ones Captum's test checks
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 SIZE = 64  # torchvision ResNets/VGGs accept any size >= 32 (adaptive pooling); small keeps the file fast
+# Small settings for the iterative methods: hygiene does not depend on how long they iterate.
+FAST = {"rise": {"masks": 8, "batch_size": 8}, "extremal_perturbation": {"iterations": 2},
+        "cameras": {"resolutions": [SIZE, SIZE + 32]}, "gig": {"steps": 4}, "ig": {"steps": 4},
+        "smoothgrad": {"samples": 2}, "vargrad": {"samples": 2}}
+
+
+def fast(method: str) -> dict:
+    """Options that keep ``method`` quick in these tests (only those it accepts)."""
+    return dict(FAST.get(method, {}))
 
 
 class HookRemovalMode(Enum):
@@ -244,17 +254,17 @@ def test_hook_removal(subjects, method, model, mode):
     images = subject.images.clone()
     targets = subject.targets
     if mode is HookRemovalMode.normal:
-        maps = attribute(method, subject.spec, images, targets)
+        maps = attribute(method, subject.spec, images, targets, **fast(method))
         assert maps.shape == (2, SIZE, SIZE) and torch.isfinite(maps).all()
     elif mode is HookRemovalMode.incorrect_target:
         with pytest.raises(AttributionError, match="out of range"):
-            attribute(method, subject.spec, images, torch.tensor([1, subject.num_classes]))
+            attribute(method, subject.spec, images, torch.tensor([1, subject.num_classes]), **fast(method))
     else:
         tripwire = subject.tripwires["mid" if mode is HookRemovalMode.invalid_module_mid else "head"]
         tripwire.armed = True
         try:
             with pytest.raises(RuntimeError, match="tripwire"):
-                attribute(method, subject.spec, images, targets)
+                attribute(method, subject.spec, images, targets, **fast(method))
         finally:
             tripwire.armed = False
     assert torch.equal(bits(images), bits(subject.images)) and not images.requires_grad and images.grad is None, \
@@ -266,7 +276,8 @@ def test_hook_removal(subjects, method, model, mode):
 def test_hook_removal_targets_per_image(subjects, method):
     """Targets [B, T] (one forward, several backward passes) leave no trace either."""
     subject = subjects("custom", with_tripwires=False)
-    maps = attribute(method, subject.spec, subject.images.clone(), torch.tensor([[1, 2, 3], [9, 0, 1]]))
+    maps = attribute(method, subject.spec, subject.images.clone(), torch.tensor([[1, 2, 3], [9, 0, 1]]),
+                     **fast(method))
     assert maps.shape == (2, 3, SIZE, SIZE)
     assert_untouched(subject.spec, subject.images, subject.before)
 
@@ -280,7 +291,7 @@ def test_hook_removal_unsupported_activation(method):
     before = snapshot(spec, images)
     if method in ("gbp", "tr_gbp"):
         with pytest.raises(AttributionError, match="SiLU"):
-            attribute(method, spec, images, torch.tensor([1, 7]))
+            attribute(method, spec, images, torch.tensor([1, 7]), **fast(method))
     else:
-        attribute(method, spec, images, torch.tensor([1, 7]))
+        attribute(method, spec, images, torch.tensor([1, 7]), **fast(method))
     assert_untouched(spec, images, before)

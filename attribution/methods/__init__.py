@@ -16,7 +16,11 @@ from attribution.errors import AttributionError
 from attribution.methods.a_fmi import AFMI
 from attribution.methods.base import Attribution, Method
 from attribution.methods.cam import GradCAM
+from attribution.methods.cameras import CAMERAS
+from attribution.methods.extremal import ExtremalPerturbation
+from attribution.methods.fullgrad import FullGrad
 from attribution.methods.gradients import GuidedBackprop, Saliency
+from attribution.methods.rise import RISE
 from attribution.methods.tr_gbp import TRGBP
 from attribution.models import ModelSpec
 
@@ -26,6 +30,10 @@ REGISTRY: dict[str, type[Method]] = {
     "gradcam": GradCAM,
     "tr_gbp": TRGBP,
     "a_fmi": AFMI,
+    "fullgrad": FullGrad,
+    "cameras": CAMERAS,
+    "rise": RISE,
+    "extremal_perturbation": ExtremalPerturbation,
 }
 
 
