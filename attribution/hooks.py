@@ -1,16 +1,21 @@
 """The one place where attribution code attaches itself to a model: every hook lives here, every hook is removed.
 
-Three mechanisms, each a context manager that registers module hooks on entry and removes them in ``finally``
+Four mechanisms, each a context manager that registers module hooks on entry and removes them in ``finally``
 (so also when the forward or backward raises):
 
 * :func:`activation_rule` swaps the backward rule of every activation *call*: ``"guided"`` (guided backprop,
   grad_in = relu(grad_out) · 1[lower < x < upper]) or ``"secant"`` (A-FMI / DeepLIFT-rescale: the derivative is
   replaced by (σ(y) − σ(ȳ)) / (y − ȳ) between the input half and the reference half of a paired batch).
   Rules are applied per call, so torchvision's ResNet blocks, which call one ``ReLU`` module up to three times,
-  get the rule at each call site. In-place activations are handled by giving the module a private copy of its
-  input (a forward pre-hook), so the caller's tensors and module flags are never touched.
+  get the rule at each call site. "secant" also covers ``nn.MaxPool2d`` (DeepLIFT's max-pool rule, as in Captum's
+  DeepLift: Δy is split into the part the input's own maximum explains and the part the reference's maximum
+  explains; each goes to its argmax position and is divided by that position's Δx). In-place activations are
+  handled by giving the module a private copy of its input (a forward pre-hook), so the caller's tensors and
+  module flags are never touched.
 * :func:`capture_outputs` records the outputs of chosen modules, as differentiable tensors that later in-place
   operations (``out += identity``, ``ReLU(inplace=True)``) cannot alter.
+* :func:`lrp_epsilon` turns backpropagation into LRP-ε (zennit's Epsilon rule on every conv/linear, BatchNorm
+  folded, pass rule at activations, Norm rule at average pools and residual sums), in gradient × input form.
 * :func:`bias_units` records, in forward order, every affine unit with a bias — conv (+ the BatchNorm that
   consumes its output, folded), linear, or a BatchNorm on its own — with its effective bias and geometry;
   TR-GBP attributes to those biases.
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attribution.errors import AttributionError
@@ -76,6 +82,72 @@ class _SecantActivation(torch.autograd.Function):
         return grad * slope, None
 
 
+class _PassActivation(torch.autograd.Function):
+    """LRP's pass rule (relevance crosses the activation unchanged) in gradient × input form: R = x·g, so the
+    backward slope is σ(x)/x, or σ(x)/(x + ε·sign x) when the input is a residual sum (zennit's Norm rule for
+    ``Sum``); the ordinary derivative where the denominator is tiny. For ReLU, σ(x)/x is the ordinary derivative."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor], epsilon: float) -> Tensor:  # type: ignore[override]
+        y = fn(x)
+        denom = _stabilise(x, epsilon) if epsilon > 0 else x
+        tiny = denom.abs() < SECANT_MIN_STEP
+        slope = torch.where(tiny, _derivative(fn, x), y / torch.where(tiny, torch.ones_like(denom), denom))
+        ctx.save_for_backward(slope)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None
+
+
+class _SecantMaxPool(torch.autograd.Function):
+    """DeepLIFT's max-pool rule on a paired batch [inputs; references] (Captum ``deep_lift.maxpool``).
+
+    With m = max(y, ȳ): the input half's multiplier at position i is
+    (Σ_{windows whose input argmax is i} g·(m − ȳ) + Σ_{windows whose reference argmax is i} g·(y − m)) / Δx_i,
+    the ordinary gradient where |Δx_i| < SECANT_MIN_STEP. Overlapping windows add up (Captum's ``max_unpool2d``
+    keeps only one of them: a difference on overlapping pools such as ResNet's stem). The reference half gets
+    its ordinary gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pool: nn.MaxPool2d) -> Tensor:  # type: ignore[override]
+        y, idx = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                              return_indices=True)
+        half = x.shape[0] // 2
+        ctx.save_for_backward(x[:half] - x[half:], y, idx)
+        ctx.input_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        step, y, idx = ctx.saved_tensors
+        half = step.shape[0]
+        ordinary = _unpool(grad, idx, ctx.input_shape)
+        g = grad[:half]
+        y_in, y_ref = y[:half], y[half:]
+        top = torch.maximum(y_in, y_ref)
+        contributions = (_unpool(g * (top - y_ref), idx[:half], step.shape)
+                         + _unpool(g * (y_in - top), idx[half:], step.shape))
+        tiny = step.abs() < SECANT_MIN_STEP
+        slope_in = torch.where(tiny, ordinary[:half], contributions / torch.where(tiny, torch.ones_like(step), step))
+        return torch.cat([slope_in, ordinary[half:]]), None
+
+
+def _unpool(values: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
+    """Scatter-add ``values`` [N, C, h, w] to the flat per-plane ``indices`` of max_pool2d: [N, C, *shape[2:]]."""
+    out = values.new_zeros(values.shape[0], values.shape[1], shape[2] * shape[3])
+    out.scatter_add_(2, indices.flatten(2), values.flatten(2))
+    return out.view(values.shape[0], values.shape[1], shape[2], shape[3])
+
+
+def _stabilise(z: Tensor, epsilon: float) -> Tensor:
+    """z + ε·sign(z), with sign(0) = +1 (zennit's ``stabilize``)."""
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
 def _derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """Element-wise derivative of an element-wise function at x (same shape as x)."""
     with torch.enable_grad():
@@ -95,8 +167,9 @@ def _module_path(model: nn.Module, target: nn.Module) -> str:
 def activation_rule(model: nn.Module, rule: str) -> Iterator[None]:
     """Within the block, every activation call in ``model`` backpropagates by ``rule`` ("guided" or "secant").
 
-    "secant" expects every activation to see a paired batch of even size [2B, …]: rows :B the inputs, rows B:
-    their references. Raises AttributionError for an activation the rule does not define.
+    "secant" expects every activation (and every ``nn.MaxPool2d``, which gets DeepLIFT's max-pool rule) to see a
+    paired batch of even size [2B, …]: rows :B the inputs, rows B: their references. Raises AttributionError for
+    an activation the rule does not define.
     """
     if rule not in ("guided", "secant"):
         raise AttributionError(f"unknown activation rule {rule!r}: expected 'guided' or 'secant'")
@@ -109,13 +182,23 @@ def activation_rule(model: nn.Module, rule: str) -> Iterator[None]:
                                            f"'{_module_path(model, module)}' (only ReLU and ReLU6)")
             if isinstance(module, ELEMENTWISE_ACTIVATIONS):
                 handles += _attach_rule(module, rule)
+            elif rule == "secant" and isinstance(module, nn.MaxPool2d):
+                handles.append(module.register_forward_hook(_secant_maxpool))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _attach_rule(module: nn.Module, rule: str) -> list:
+def _secant_maxpool(module: nn.MaxPool2d, args: tuple, out: Tensor) -> Tensor:
+    if module.return_indices:
+        raise AttributionError("the secant rule cannot handle MaxPool2d(return_indices=True)")
+    if args[0].shape[0] % 2:
+        raise AttributionError("the secant rule needs a paired batch [inputs; references] of even size")
+    return _SecantMaxPool.apply(args[0], module)
+
+
+def _attach_rule(module: nn.Module, rule: str, pass_epsilon: Callable[[Tensor], float] | None = None) -> list:
     stash: list[Tensor] = []
 
     def keep_input(_module: nn.Module, args: tuple) -> tuple:
@@ -129,6 +212,8 @@ def _attach_rule(module: nn.Module, rule: str) -> list:
         if rule == "guided":
             lower, upper = GUIDED_INTERVALS[type(module)]
             return _GuidedActivation.apply(x, lower, upper)
+        if rule == "pass":
+            return _PassActivation.apply(x, _non_inplace(module), pass_epsilon(x) if pass_epsilon else 0.0)
         if x.shape[0] % 2:
             raise AttributionError("the secant rule needs a paired batch [inputs; references] of even size")
         return _SecantActivation.apply(x, _non_inplace(module))
@@ -166,6 +251,61 @@ def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list[list[Tensor]]
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def lrp_epsilon(model: nn.Module, epsilon: float = 1e-6) -> Iterator[None]:
+    """Within the block, the gradient of an output w.r.t. the input, times the input, is LRP-ε relevance.
+
+    zennit's ``Epsilon`` composite in gradient × input form (R = x·g at every tensor): each conv/linear unit —
+    with the BatchNorm that consumes its output folded in, so the stabiliser sits on the BatchNorm's output —
+    multiplies the gradient at its output z by z / (z + ε·sign z); average pools do the same with their output
+    (zennit's Norm rule); activations pass relevance unchanged (slope σ(x)/x, the ordinary derivative for ReLU);
+    an activation whose input is not an untouched unit output (a residual sum such as ``out += identity``) also
+    stabilises that sum (zennit's canonizer ``Sum`` with the Norm rule). Max-pooling keeps its gradient (zennit
+    gives it no rule). Folding needs no parameter copy: BatchNorm's own gradient is the folded layer's.
+    Raises AttributionError for a BatchNorm that does not follow a conv/linear (nothing to fold it into).
+    """
+    stabilised: dict[int, tuple[Tensor, int, dict]] = {}  # id(output) -> (output, its version, factor switch)
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def stabilise_output(out: Tensor) -> dict:
+        switch = {"on": True}
+        if out.requires_grad:
+            factor = out.detach() / _stabilise(out.detach(), epsilon)
+            out.register_hook(lambda g: g * factor if switch["on"] else g)
+        stabilised[id(out)] = (out, out._version, switch)
+        return switch
+
+    def on_affine(_module: nn.Module, _args: tuple, out: Tensor) -> None:
+        stabilise_output(out)
+
+    def on_batchnorm(module: nn.Module, args: tuple, out: Tensor) -> None:
+        source, _, switch = stabilised.get(id(args[0]), (None, 0, None))
+        if source is not args[0] or switch is None:
+            raise AttributionError(f"lrp: BatchNorm '{names.get(module, module)}' does not follow a conv/linear "
+                                   "layer, so it cannot be folded")
+        switch["on"] = False  # the folded unit's stabiliser acts on the BatchNorm output instead
+        stabilise_output(out)
+
+    def residual_epsilon(x: Tensor) -> float:
+        source, version, _ = stabilised.get(id(x), (None, 0, None))
+        return 0.0 if source is x and x._version == version else epsilon
+
+    try:
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+                handles.append(module.register_forward_hook(on_affine))
+            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                handles.append(module.register_forward_hook(on_batchnorm))
+            elif isinstance(module, ELEMENTWISE_ACTIVATIONS):
+                handles += _attach_rule(module, "pass", residual_epsilon)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        stabilised.clear()
 
 
 @dataclass

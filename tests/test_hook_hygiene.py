@@ -32,7 +32,7 @@ SIZE = 64  # torchvision ResNets/VGGs accept any size >= 32 (adaptive pooling); 
 # Small settings for the iterative methods: hygiene does not depend on how long they iterate.
 FAST = {"rise": {"masks": 8, "batch_size": 8}, "extremal_perturbation": {"iterations": 2},
         "cameras": {"resolutions": [SIZE, SIZE + 32]}, "gig": {"steps": 4}, "ig": {"steps": 4},
-        "smoothgrad": {"samples": 2}, "vargrad": {"samples": 2}}
+        "smoothgrad": {"samples": 2}, "vargrad": {"samples": 2}, "xrai": {"base": "saliency"}}
 
 
 def fast(method: str) -> dict:

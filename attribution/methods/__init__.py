@@ -17,11 +17,17 @@ from attribution.methods.a_fmi import AFMI
 from attribution.methods.base import Attribution, Method
 from attribution.methods.cam import GradCAM
 from attribution.methods.cameras import CAMERAS
+from attribution.methods.deeplift import DeepLift
 from attribution.methods.extremal import ExtremalPerturbation
 from attribution.methods.fullgrad import FullGrad
 from attribution.methods.gradients import GuidedBackprop, Saliency
+from attribution.methods.guided_ig import GuidedIG
+from attribution.methods.integrated import IntegratedGradients
+from attribution.methods.lrp import LRPEpsilon
+from attribution.methods.noise_tunnel import SmoothGrad, VarGrad
 from attribution.methods.rise import RISE
 from attribution.methods.tr_gbp import TRGBP
+from attribution.methods.xrai import XRAI
 from attribution.models import ModelSpec
 
 REGISTRY: dict[str, type[Method]] = {
@@ -34,6 +40,13 @@ REGISTRY: dict[str, type[Method]] = {
     "cameras": CAMERAS,
     "rise": RISE,
     "extremal_perturbation": ExtremalPerturbation,
+    "ig": IntegratedGradients,
+    "deeplift": DeepLift,
+    "lrp": LRPEpsilon,
+    "smoothgrad": SmoothGrad,
+    "vargrad": VarGrad,
+    "gig": GuidedIG,
+    "xrai": XRAI,
 }
 
 

@@ -9,7 +9,7 @@ The map is S^c = Σ_k FMI^c_k (A^k − Ā^k), bilinearly upsampled to the input 
 Decisions: the head is run once on the paired batch [A; Ā] so every activation call site (also a reused module)
 sees its own reference value; for VGG, A is taken after the last max-pool (pool5, where the paper's "fully
 connected layers" start), so the head is avgpool + FC/ReLU layers only and the secant rule is exact there (a
-max-pool inside a user's head would keep its ordinary gradient, routing to the argmax);
+max-pool inside a user's head gets DeepLIFT's max-pool rule, the secant rule's counterpart for max-pooling);
 the reference is an image in *pixel* space (black = 0, white = 1, random = uniform [0, 1) from ``seed``),
 normalised with the model's preprocessing, unless a normalised tensor is given. With a linear head (ResNet:
 avgpool + fc) FMI^c = fc.weight[c] / (h·w) and the native-resolution map sums to y_c − ȳ_c.
