@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from attribution.models import Preprocessing
+from attribution.preprocessing import Preprocessing
 
 
 class SampleError(ValueError):
@@ -66,20 +66,15 @@ def decode_sample(image_bytes: bytes | None, cls_bytes: bytes | None, json_bytes
         x0, y0, x1, y1 = box
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
             raise SampleError(f"bbox {box} outside the {width}x{height} image")
-    pixels = (preprocessing.pixels(rgb).numpy() * 255.0).round().astype(np.uint8)
+    pixels = preprocessing.pixels_uint8(rgb)
     return DecodedSample(pixels, label, meta.get("wnid"), width, height, bboxes,
                          boxes_in_input(bboxes, width, height, preprocessing))
 
 
 def crop_geometry(width: int, height: int, preprocessing: Preprocessing) -> tuple[float, float, int, int]:
     """(scale_x, scale_y, left, top) of resize-shorter-side + centre-crop, as torchvision computes them."""
-    short, long_ = (width, height) if width <= height else (height, width)
-    new_short = preprocessing.resize_size
-    new_long = int(new_short * long_ / short)
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    crop = preprocessing.input_size
-    left = int(round((new_w - crop) / 2.0))
-    top = int(round((new_h - crop) / 2.0))
+    new_w, new_h = preprocessing.resized_size(width, height)
+    left, top = preprocessing.crop_offsets(new_w, new_h)
     return new_w / width, new_h / height, left, top
 
 

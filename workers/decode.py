@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pyarrow as pa
+from ray.data.extensions import ArrowTensorArray
 
 from attribution.images import SampleError, decode_sample
-from attribution.models import Preprocessing
-
-from ray.data.extensions import ArrowTensorArray
+from attribution.preprocessing import Preprocessing
 
 DECODED_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("shard_total", pa.int64()), ("stage", pa.string()),
