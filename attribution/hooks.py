@@ -58,7 +58,7 @@ class _GuidedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (passing,) = ctx.saved_tensors
-        return torch.where(passing, grad, 0.0).clamp_(min=0), None, None
+        return grad.clamp(min=0).mul_(passing), None, None
 
 
 class _SecantActivation(torch.autograd.Function):

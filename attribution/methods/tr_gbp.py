@@ -38,10 +38,15 @@ def bias_reconstruction(unit: BiasUnit, grad: Tensor) -> Tensor:
     if unit.input_size is None:  # linear: the ones-input is the whole input vector
         return (grad * unit.bias).sum(-1).view(-1, 1, 1)
     kh, kw = unit.kernel
-    weight = (unit.bias / (kh * kw)).to(grad.dtype).view(-1, 1, 1, 1).expand(-1, 1, kh, kw)
+    # Every tap of output channel i carries b_i / (kh·kw): sum the channels first (Σ_i g_i b_i / (kh·kw)), then
+    # spread each output position back over its kh x kw input patch with a one-channel transposed convolution.
+    per_position = torch.einsum("bchw,c->bhw", grad, (unit.bias / (kh * kw)).to(grad.dtype))
+    if unit.kernel == (1, 1) and unit.stride == (1, 1) and unit.padding == (0, 0):
+        return per_position
+    ones = grad.new_ones(1, 1, kh, kw)
     size = (grad.shape[0], 1, *unit.input_size)
-    ones_grad = torch.nn.grad.conv2d_input(size, weight, grad, stride=unit.stride, padding=unit.padding,
-                                           dilation=unit.dilation)
+    ones_grad = torch.nn.grad.conv2d_input(size, ones, per_position.unsqueeze(1), stride=unit.stride,
+                                           padding=unit.padding, dilation=unit.dilation)
     return ones_grad[:, 0]
 
 
