@@ -20,7 +20,7 @@ from typing import Any
 
 from attribution import models
 from attribution.errors import AttributionError
-from attribution.methods import REGISTRY
+from attribution.methods import REGISTRY, get_method
 from jobs.common import JobError, ensure_ray, expand_shards, fail
 from workers.attribution_worker import TARGET_KINDS, AttributionWorker, WorkerConfig
 from workers.decode import decode_batch
@@ -55,6 +55,8 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kw
     """
     import ray
 
+    for method in config.worker.methods:  # option mistakes fail here, in one line, before any work starts
+        get_method(method)(None)._check_options(config.worker.options_for(method))
     uris = expand_shards(config.shards)
     store = OutputStore(config.out)
     if config.overwrite:

@@ -258,6 +258,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
      "error: no shards match /nonexistent/*.tar"),
     (["--shards", "x.tar", "--model", "resnet18", "--methods", "gbp", "--out", "o", "--method-options", "[1]"],
      "error: --method-options must be a JSON object of objects"),
+    (["--shards", "x.tar", "--model", "resnet18", "--methods", "gbp,a_fmi", "--out", "o",
+      "--method-options", '{"a_fmi": {"refrence": "white"}}'],
+     "error: method 'a_fmi' has no option 'refrence'; options: reference, seed, return_fmi"),
 ])
 def test_cli_errors_are_one_line(args, message, capsys):
     from jobs.attribute import main
