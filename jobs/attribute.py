@@ -21,7 +21,7 @@ from typing import Any
 from attribution import models
 from attribution.errors import AttributionError
 from attribution.methods import REGISTRY, get_method
-from jobs.common import JobError, ensure_ray, expand_shards, fail
+from jobs.common import JobError, actor_resources, commit_as_written, ensure_ray, expand_shards, fail
 from workers.attribution_worker import TARGET_KINDS, AttributionWorker, WorkerConfig
 from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
@@ -77,25 +77,9 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kw
     if pending:
         ensure_ray(config.address)
         dataset = _pipeline(config, pending, worker_cls, worker_kwargs or {}, ray)
-        seen: dict[str, dict] = {}
         try:
-            for part in dataset.iter_rows():
-                shard = part["shard"]
-                state = seen.setdefault(shard, {"samples": 0, "attribution_rows": 0, "error_rows": 0, "files": []})
-                for key in ("samples", "attribution_rows", "error_rows"):
-                    state[key] += part[key]
-                state["files"] += json.loads(part["files"])
-                if state["samples"] == part["shard_total"]:
-                    counts = {k: state[k] for k in ("samples", "attribution_rows", "error_rows")}
-                    manifest["shards"][shard] = {"status": "committed", **store.commit(shard, state["files"], counts)}
-                    store.write_json("manifest.json", manifest)
-                    samples += counts["samples"]
-                    rows += counts["attribution_rows"]
-                    errors += counts["error_rows"]
-                    done = sum(1 for s in manifest["shards"].values() if s["status"] == "committed")
-                    rate = samples / (time.perf_counter() - start)
-                    say(f"[{done}/{len(uris)}] committed {shard}: {counts['samples']} samples, "
-                        f"{counts['attribution_rows']} maps, {counts['error_rows']} errors ({rate:.2f} img/s)")
+            samples, rows, errors = commit_as_written(dataset.iter_rows(), store, manifest, len(uris), start, say,
+                                                      noun="maps")
         except Exception as exc:
             manifest["status"] = "failed"
             manifest["failure"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -119,11 +103,8 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kw
 
 def _pipeline(config: AttributeConfig, pending: list[str], worker_cls: type, worker_kwargs: dict, ray):
     """read -> decode (CPU tasks) -> attribute (actor pool) -> write parts (CPU tasks)."""
-    resources = ray.cluster_resources()
-    gpus = config.gpus_per_worker if config.gpus_per_worker is not None else (1 if resources.get("GPU") else 0)
-    workers = config.workers or (max(1, int(resources.get("GPU", 0) // max(gpus, 1))) if gpus else 1)
-    cpus = config.cpus_per_worker or (1 if gpus else max(1, int(resources.get("CPU", 2)) - 1))
-    batch_size = config.batch_size or (32 if gpus else 8)
+    gpus, workers, cpus, batch_size = actor_resources(config.gpus_per_worker, config.workers,
+                                                      config.cpus_per_worker, config.batch_size)
     worker = WorkerConfig(**{**asdict(config.worker), "threads": config.worker.threads or max(1, int(cpus))})
     if not gpus and worker.device is None:
         worker.device = "cpu"
@@ -151,7 +132,7 @@ def _manifest(config: AttributeConfig, uris: list[str], committed: dict[str, dic
         "config": _config_key(config),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                      "pyarrow": pyarrow.__version__},
-        "shards": {shard_name(u): ({"status": "committed", **committed[shard_name(u)]}
+        "shards": {shard_name(u): ({"status": "committed", "uri": u, **committed[shard_name(u)]}
                                    if shard_name(u) in committed else {"status": "pending", "uri": u})
                    for u in uris},
     }

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import posixpath
 import sys
-from typing import NoReturn
+import time
+from typing import Any, Callable, Iterable, NoReturn
 
 import braceexpand
 import pyarrow.fs as pafs
 
 from workers.shards import resolve_filesystem, shard_name
+from workers.sink import OutputStore
 
 
 class JobError(Exception):
@@ -37,6 +40,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              object_store_memory=512 * 1024 ** 2, log_to_driver=False)
+
+
+def actor_resources(gpus_per_worker: float | None, workers: int | None, cpus_per_worker: float | None,
+                    batch_size: int | None, gpu_batch: int = 32, cpu_batch: int = 8) -> tuple[float, int, float, int]:
+    """(GPUs per actor, actors, CPUs per actor, batch size) for a model-pinning actor pool on the connected cluster.
+
+    Defaults: one actor per GPU with 1 CPU each; without GPUs one CPU actor that leaves one CPU to the read,
+    decode and write tasks (an actor holding every CPU stalls the pipeline, ray#44687).
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1 if resources.get("GPU") else 0)
+    workers = workers or (max(1, int(resources.get("GPU", 0) // max(gpus, 1))) if gpus else 1)
+    cpus = cpus_per_worker or (1 if gpus else max(1, int(resources.get("CPU", 2)) - 1))
+    return gpus, workers, cpus, batch_size or (gpu_batch if gpus else cpu_batch)
 
 
 def expand_shards(patterns: list[str]) -> list[str]:
@@ -70,3 +89,34 @@ def _expand_one(pattern: str) -> list[str]:
     if info.type != pafs.FileType.File:
         raise JobError(f"shard {pattern} does not exist")
     return [pattern]
+
+
+def commit_as_written(summaries: Iterable[dict[str, Any]], store: OutputStore, manifest: dict, total_shards: int,
+                      start: float, say: Callable[..., None], noun: str) -> tuple[int, int, int]:
+    """The driver's side of exactly-once: consume write-step summaries (workers.sink.SUMMARY_SCHEMA rows) and
+    commit each shard as soon as all its samples are written, updating and rewriting the manifest.
+
+    Returns (samples, rows, error rows) committed. ``start``: time.perf_counter() at the job's start (for rates);
+    ``noun``: what a result row is called in the progress lines ("maps", "metric rows").
+    """
+    seen: dict[str, dict] = {}
+    samples = rows = errors = 0
+    for part in summaries:
+        shard = part["shard"]
+        state = seen.setdefault(shard, {"samples": 0, "rows": 0, "error_rows": 0, "files": []})
+        for key in ("samples", "rows", "error_rows"):
+            state[key] += part[key]
+        state["files"] += json.loads(part["files"])
+        if state["samples"] == part["shard_total"]:
+            counts = {k: state[k] for k in ("samples", "rows", "error_rows")}
+            record = store.commit(shard, state["files"], counts)
+            manifest["shards"][shard] = {**manifest["shards"].get(shard, {}), "status": "committed", **record}
+            store.write_json("manifest.json", manifest)
+            samples += counts["samples"]
+            rows += counts["rows"]
+            errors += counts["error_rows"]
+            done = sum(1 for s in manifest["shards"].values() if s["status"] == "committed")
+            rate = samples / max(time.perf_counter() - start, 1e-9)
+            say(f"[{done}/{total_shards}] committed {shard}: {counts['samples']} samples, {counts['rows']} {noun}, "
+                f"{counts['error_rows']} errors ({rate:.2f} img/s)")
+    return samples, rows, errors

@@ -81,8 +81,8 @@ class AttributionWorker:
             self._attribute(batch, good, rows, errors)
         return {
             "key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
-            "attributions": np.array([_ipc(r, self.schema) for r in rows], dtype=object),
-            "errors": np.array([_ipc(e, ERROR_SCHEMA) for e in errors], dtype=object),
+            "attributions": np.array([ipc_blob(r, self.schema) for r in rows], dtype=object),
+            "errors": np.array([ipc_blob(e, ERROR_SCHEMA) for e in errors], dtype=object),
         }
 
     def _attribute(self, batch: dict[str, np.ndarray], good: list[int], rows: list[list[dict]],
@@ -187,7 +187,7 @@ def _options_json(options: dict[str, Any]) -> str:
     return json.dumps(shown, sort_keys=True, default=str)
 
 
-def _ipc(rows: list[dict], schema: pa.Schema) -> bytes:
+def ipc_blob(rows: list[dict], schema: pa.Schema) -> bytes:
     """Rows as an Arrow IPC stream (an empty list gives a valid empty stream)."""
     table = _attribution_table(rows, schema) if "map" in schema.names else pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()

@@ -5,6 +5,7 @@ Layout of an output directory (local path or object-store URI)::
     manifest.json                          run config, versions, per-shard status, summary
     attributions/<shard>/part-<id>.parquet rows of schemas.attributions   (committed shards only)
     errors/<shard>/part-<id>.parquet       rows of schemas.attributions.ERROR_SCHEMA
+    metrics/<shard>/part-<id>.parquet      rows of schemas.metrics.METRIC_SCHEMA   (jobs.evaluate's output dir)
     npz/<shard>/part-<id>.npz              maps + index arrays (--format npz|both)
     _commits/<shard>.json                  commit record: the shard's files and counts
     _staging/<shard>/…                     parts of shards not yet complete
@@ -22,7 +23,7 @@ import json
 import posixpath
 import uuid
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -30,11 +31,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.attributions import ERROR_SCHEMA, attribution_schema, validate_attributions, validate_errors
+from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA, validate_metric_errors, validate_metrics
 from workers.shards import resolve_filesystem
 
-KINDS = ("attributions", "errors", "npz")
+KINDS = ("attributions", "errors", "npz", "metrics")
+# One row per (batch, shard) from a write step: what the driver needs to commit a shard once all its samples are in.
 SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("shard_total", pa.int64()), ("samples", pa.int64()),
-                            ("attribution_rows", pa.int64()), ("error_rows", pa.int64()), ("files", pa.string())])
+                            ("rows", pa.int64()), ("error_rows", pa.int64()), ("files", pa.string())])
+ROW_GROUP_SIZE = 256  # rows are written sorted by key in small row groups, so a key filter reads little
 
 
 @dataclass
@@ -121,11 +125,12 @@ class OutputStore:
 
 
 def read_table(uri: str, kind: str = "attributions") -> pa.Table:
-    """All committed rows of ``kind`` ("attributions" or "errors") of an output directory as one table."""
+    """All committed rows of ``kind`` ("attributions", "metrics" or "errors") of an output directory as one table."""
     store = OutputStore(uri)
     files = store.committed_files(kind)
     if not files:
-        return (ERROR_SCHEMA if kind == "errors" else pa.schema([])).empty_table()
+        empty = {"errors": ERROR_SCHEMA, "metrics": METRIC_SCHEMA}.get(kind, pa.schema([]))
+        return empty.empty_table()
     return pa.concat_tables([pq.read_table(store.path(f), filesystem=store.fs) for f in files])
 
 
@@ -137,32 +142,51 @@ def maps_of(table: pa.Table) -> np.ndarray:
 
 def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...], map_size: int,
                 map_dtype: str) -> pa.Table:
-    """Ray Data step: write a batch of worker output rows (one per sample) to staging, grouped by shard.
-
-    Returns one SUMMARY_SCHEMA row per shard in the batch: samples seen, rows written, staged files (JSON).
-    Every table is validated against its schema before it is written.
-    """
-    store = OutputStore(uri)
+    """Ray Data step of jobs.attribute: stage a batch of AttributionWorker rows (one per sample, with IPC blobs
+    ``attributions`` and ``errors``), grouped by shard. Returns one SUMMARY_SCHEMA row per shard in the batch."""
     schema = attribution_schema(map_size, map_dtype)
+
+    def write(store: OutputStore, shard: str, part: str, rows: pa.Table) -> list[str]:
+        validate_attributions(rows, map_size, map_dtype)
+        staged = []
+        if "parquet" in formats:
+            staged.append(_write_parquet(store, shard, f"attributions-{part}.parquet", rows))
+        if "npz" in formats:
+            staged.append(_write_npz(store, shard, f"npz-{part}.npz", rows))
+        return staged
+
+    return _stage(batch, uri, "attributions", schema, write, ERROR_SCHEMA, validate_errors)
+
+
+def write_metric_parts(batch: pa.Table, uri: str) -> pa.Table:
+    """Ray Data step of jobs.evaluate: stage a batch of EvaluateWorker rows (one per sample, with IPC blobs
+    ``metrics`` and ``errors``), grouped by shard. Returns one SUMMARY_SCHEMA row per shard in the batch."""
+    def write(store: OutputStore, shard: str, part: str, rows: pa.Table) -> list[str]:
+        validate_metrics(rows)
+        return [_write_parquet(store, shard, f"metrics-{part}.parquet", rows)]
+
+    return _stage(batch, uri, "metrics", METRIC_SCHEMA, write, METRIC_ERROR_SCHEMA, validate_metric_errors)
+
+
+def _stage(batch: pa.Table, uri: str, kind: str, schema: pa.Schema,
+           write: Callable[["OutputStore", str, str, pa.Table], list[str]], error_schema: pa.Schema,
+           validate_error_rows: Callable[[pa.Table], None]) -> pa.Table:
+    """Concatenate each shard's result rows (blob column ``kind``) and error rows, validate, write to staging."""
+    store = OutputStore(uri)
     shards = batch.column("shard").to_pylist()
     totals = dict(zip(shards, batch.column("shard_total").to_pylist()))
-    blobs = {kind: batch.column(kind).to_pylist() for kind in ("attributions", "errors")}
+    blobs = {column: batch.column(column).to_pylist() for column in (kind, "errors")}
     summaries = []
     for shard in sorted(set(shards)):
         idx = [i for i, s in enumerate(shards) if s == shard]
-        rows = _concat([blobs["attributions"][i] for i in idx], schema)
-        errors = _concat([blobs["errors"][i] for i in idx], ERROR_SCHEMA)
-        validate_attributions(rows, map_size, map_dtype)
-        validate_errors(errors)
+        rows = _concat([blobs[kind][i] for i in idx], schema)
+        errors = _concat([blobs["errors"][i] for i in idx], error_schema)
+        validate_error_rows(errors)
         part = uuid.uuid4().hex
-        staged = []
-        if rows.num_rows and "parquet" in formats:
-            staged.append(_write_parquet(store, shard, f"attributions-{part}.parquet", rows))
-        if rows.num_rows and "npz" in formats:
-            staged.append(_write_npz(store, shard, f"npz-{part}.npz", rows))
+        staged = write(store, shard, part, rows) if rows.num_rows else []
         if errors.num_rows:
             staged.append(_write_parquet(store, shard, f"errors-{part}.parquet", errors))
-        summaries.append({"shard": shard, "shard_total": totals[shard], "samples": len(idx), "attribution_rows": rows.num_rows,
+        summaries.append({"shard": shard, "shard_total": totals[shard], "samples": len(idx), "rows": rows.num_rows,
                           "error_rows": errors.num_rows, "files": json.dumps(staged)})
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
@@ -176,7 +200,9 @@ def _concat(blobs: Iterable[bytes], schema: pa.Schema) -> pa.Table:
 def _write_parquet(store: OutputStore, shard: str, name: str, table: pa.Table) -> str:
     rel = posixpath.join("_staging", shard, name)
     store.fs.create_dir(store.path("_staging", shard), recursive=True)
-    pq.write_table(table, store.path(rel), filesystem=store.fs, compression="zstd")
+    if "key" in table.column_names and table.num_rows > 1:
+        table = table.sort_by("key")
+    pq.write_table(table, store.path(rel), filesystem=store.fs, compression="zstd", row_group_size=ROW_GROUP_SIZE)
     return rel
 
 
