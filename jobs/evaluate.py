@@ -1,0 +1,301 @@
+"""python -m jobs.evaluate: an attribution run's maps + the shards' images in, per-image metric rows out, resumable.
+
+    python -m jobs.evaluate --attributions runs/maps --out runs/metrics \\
+        [--metrics ebpg,ibd,morf,lerf,insertion,class_discrimination,seconds,fmi] [--methods gbp,tr_gbp]
+
+read shards -> decode (CPU tasks) -> evaluate in actors that pin the attribution run's model on one GPU (or CPU),
+fetching each batch's maps from the attribution Parquet by key, and batching all perturbation steps of all its
+images through the model -> write parts -> the driver commits each shard. Map-only metrics (EBPG, IBD, class
+discrimination, time) cost no forward pass. Dataset-level metrics (FMI prototype accuracy) are computed by the
+driver at the end from the attribution rows. A rerun with the same --out skips committed shards.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from attribution import models
+from attribution.errors import AttributionError
+from jobs.common import JobError, actor_resources, commit_as_written, ensure_ray, expand_shards, fail
+from schemas.metrics import validate_dataset_metrics
+from workers.decode import decode_batch
+from workers.evaluate_worker import METRICS, EvaluateConfig, EvaluateWorker
+from workers.shards import WebDatasetShards, shard_name
+from workers.sink import OutputStore, write_metric_parts
+
+DATASET_METRICS = ("fmi",)
+ALL_METRICS = METRICS + DATASET_METRICS
+
+
+@dataclass
+class EvaluateJobConfig:
+    """One evaluation run. ``shards`` None: the attribution run's own shards (from its manifest)."""
+
+    out: str
+    worker: EvaluateConfig
+    shards: list[str] | None = None
+    dataset_metrics: list[str] = field(default_factory=lambda: list(DATASET_METRICS))
+    batch_size: int | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    overwrite: bool = False
+    address: str | None = None
+    quiet: bool = False
+
+
+def attribution_run(uri: str) -> dict:
+    """The manifest of the attribution run at ``uri``; JobError unless it is one with committed shards."""
+    manifest = OutputStore(uri).read_json("manifest.json")
+    if not manifest or manifest.get("job") != "attribute":
+        raise JobError(f"{uri} is not the output of jobs.attribute (no attribute manifest.json)")
+    if not OutputStore(uri).committed():
+        raise JobError(f"{uri} has no committed shards: run (or finish) jobs.attribute first")
+    return manifest
+
+
+def run(config: EvaluateJobConfig) -> dict:
+    """Run (or resume) an evaluation; returns the summary that is also written to the manifest."""
+    source = attribution_run(config.worker.attributions)
+    committed_maps = OutputStore(config.worker.attributions).committed()
+    uris = expand_shards(config.shards) if config.shards else [
+        entry["uri"] for name, entry in sorted(source["shards"].items()) if name in committed_maps and "uri" in entry]
+    if not uris:
+        raise JobError(f"no shards to evaluate: give --shards (the manifest of {config.worker.attributions} "
+                       "records none)")
+    say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
+    missing = [u for u in uris if shard_name(u) not in committed_maps]
+    if missing:
+        say(f"warning: {len(missing)} shards have no committed maps in {config.worker.attributions} and are "
+            f"skipped: {[shard_name(u) for u in missing[:5]]}")
+        uris = [u for u in uris if shard_name(u) in committed_maps]
+        if not uris:
+            raise JobError(f"none of the shards has committed maps in {config.worker.attributions}")
+    store = OutputStore(config.out)
+    if config.overwrite:
+        store.clear()
+    store.ensure()
+    _check_same_run(store, config)
+    committed = store.committed()
+    pending = [u for u in uris if shard_name(u) not in committed]
+    for uri in pending:
+        store.reset_shard(shard_name(uri))
+    manifest = _manifest(config, uris, committed)
+    store.write_json("manifest.json", manifest)
+    say(f"{len(uris)} shards, {len(committed)} already evaluated, {len(pending)} to do -> {config.out}")
+
+    start = time.perf_counter()
+    samples = rows = errors = 0
+    if pending:
+        ensure_ray(config.address)
+        import ray
+
+        try:
+            samples, rows, errors = commit_as_written(_pipeline(config, pending, ray).iter_rows(), store, manifest,
+                                                      len(uris), start, say, noun="metric rows")
+        except Exception as exc:
+            manifest["status"] = "failed"
+            manifest["failure"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            store.write_json("manifest.json", manifest)
+            raise
+    dataset = dataset_metrics(config.worker.attributions, config.worker.methods) \
+        if "fmi" in config.dataset_metrics else pa.table({})
+    if dataset.num_rows:
+        pq.write_table(dataset, store.path("dataset_metrics.parquet"), filesystem=store.fs)
+        for row in dataset.to_pylist():
+            say(f"{row['model']} {row['method']}: {row['metric']} = {row['value']:.4f} on {row['n']} images")
+    elapsed = time.perf_counter() - start
+    incomplete = [shard_name(u) for u in pending if manifest["shards"][shard_name(u)]["status"] != "committed"]
+    summary = {"shards": len(uris), "shards_committed": len(uris) - len(incomplete), "samples": samples,
+               "metric_rows": rows, "errors": errors, "dataset_metrics": dataset.num_rows,
+               "seconds": round(elapsed, 2),
+               "images_per_second": round(samples / elapsed, 3) if elapsed > 0 and samples else 0.0,
+               "incomplete_shards": incomplete}
+    manifest["status"] = "complete" if not incomplete else "incomplete"
+    manifest["summary"] = summary
+    store.write_json("manifest.json", manifest)
+    say(f"done: {samples} images, {rows} metric rows, {errors} errors in {summary['seconds']} s "
+        f"({summary['images_per_second']} img/s); outputs in {config.out}")
+    return summary
+
+
+def _pipeline(config: EvaluateJobConfig, pending: list[str], ray):
+    """read -> decode (CPU tasks) -> evaluate (actor pool) -> write parts (CPU tasks)."""
+    gpus, workers, cpus, batch_size = actor_resources(config.gpus_per_worker, config.workers,
+                                                      config.cpus_per_worker, config.batch_size)
+    worker = EvaluateConfig(**{**asdict(config.worker), "threads": config.worker.threads or max(1, int(cpus))})
+    if not gpus and worker.device is None:
+        worker.device = "cpu"
+    preprocessing = models.preprocessing_for(worker.model)
+    return (
+        ray.data.read_datasource(WebDatasetShards(pending))
+        .map_batches(decode_batch, fn_kwargs={"preprocessing": preprocessing}, batch_format="pyarrow",
+                     batch_size=batch_size, num_cpus=0.5)
+        .map_batches(EvaluateWorker, fn_constructor_kwargs={"config": worker}, batch_format="pyarrow",
+                     batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
+                     num_gpus=gpus, num_cpus=cpus)
+        .map_batches(write_metric_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+                     fn_kwargs={"uri": config.out})
+    )
+
+
+def dataset_metrics(attributions: str, methods: list[str] | None = None) -> pa.Table:
+    """FMI prototype-classification accuracy (A-FMI §4.1) of every a_fmi configuration in an attribution run.
+
+    Uses the rows whose target is the label (run jobs.attribute with ``--targets label --fmi``): FMI^c of an
+    image of class c is its feature vector. Prototypes are class means over the training images, test images
+    are classified by cosine similarity. Split: shards whose name starts with ``train`` give the prototypes
+    and the other shards are tested; without training shards, a 2-fold split by a hash of the key (accuracy =
+    mean of the two folds). Rows of schemas.metrics.DATASET_METRIC_SCHEMA; empty when no FMI vectors exist.
+    """
+    import json
+
+    import numpy as np
+    import torch
+
+    from attribution.metrics.faithfulness import prototype_accuracy
+    from schemas.metrics import DATASET_METRIC_SCHEMA
+
+    store = OutputStore(attributions)
+    files = [store.path(f) for f in store.committed_files("attributions")]
+    if not files or (methods and "a_fmi" not in methods):
+        return DATASET_METRIC_SCHEMA.empty_table()
+    columns = ["key", "shard", "model", "weights", "method", "options", "target", "label", "fmi"]
+    table = pq.read_table(files, filesystem=store.fs, columns=columns,
+                          filters=(pc.field("method") == "a_fmi") & pc.field("fmi").is_valid()
+                          & (pc.field("target") == pc.field("label")))
+    rows = []
+    for (model, weights, options), group in table.to_pandas().groupby(["model", "weights", "options"],
+                                                                     dropna=False):
+        features = torch.tensor(np.stack(group["fmi"].to_list()), dtype=torch.float32)
+        labels = torch.tensor(group["label"].to_numpy(), dtype=torch.long)
+        is_train = group["shard"].str.startswith("train").to_numpy()
+        if is_train.any() and (~is_train).any():
+            folds = [(is_train, ~is_train)]
+            detail = {"split": "train shards -> other shards", "train": int(is_train.sum()),
+                      "test": int((~is_train).sum())}
+        else:
+            fold = np.array([zlib.crc32(k.encode()) % 2 for k in group["key"]]) == 0
+            folds = [(fold, ~fold), (~fold, fold)]
+            detail = {"split": "2-fold by crc32(key)", "fold_sizes": [int(fold.sum()), int((~fold).sum())]}
+        accuracies = [prototype_accuracy(features[a], labels[a], features[b], labels[b])
+                      for a, b in folds if a.any() and b.any()]
+        if not accuracies:
+            continue
+        detail["folds"] = [round(float(x), 6) for x in accuracies]
+        rows.append({"model": model, "weights": None if weights is None or weights != weights else weights,
+                     "method": "a_fmi", "options": options, "metric": "fmi_prototype_accuracy",
+                     "value": float(np.mean(accuracies)), "n": len(group), "detail": json.dumps(detail)})
+    result = pa.Table.from_pylist(rows, schema=DATASET_METRIC_SCHEMA)
+    validate_dataset_metrics(result)
+    return result
+
+
+def _manifest(config: EvaluateJobConfig, uris: list[str], committed: dict[str, dict]) -> dict:
+    import ray
+    import torch
+
+    return {
+        "job": "evaluate", "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": {**_config_key(config), "shards": uris},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+                     "pyarrow": pa.__version__},
+        "shards": {shard_name(u): ({"status": "committed", "uri": u, **committed[shard_name(u)]}
+                                   if shard_name(u) in committed else {"status": "pending", "uri": u})
+                   for u in uris},
+    }
+
+
+def _config_key(config: EvaluateJobConfig) -> dict:
+    """The parts of a config that define its outputs (a resumed run must match them)."""
+    w = config.worker
+    return {"attributions": w.attributions, "model": w.model, "weights": w.weights, "metrics": w.metrics,
+            "methods": w.methods, "morf_steps": w.morf_steps, "insertion_steps": w.insertion_steps,
+            "lerf_abs_methods": w.lerf_abs_methods, "border": w.border}
+
+
+def _check_same_run(store: OutputStore, config: EvaluateJobConfig) -> None:
+    previous = store.read_json("manifest.json")
+    if previous and store.committed():
+        old = {k: v for k, v in previous.get("config", {}).items() if k != "shards"}
+        if old != _config_key(config):
+            changed = sorted(k for k, v in _config_key(config).items() if old.get(k) != v)
+            raise JobError(f"{config.out} holds an evaluation with different {', '.join(changed)}; "
+                           "use --overwrite or another --out")
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
+    """CLI -> EvaluateJobConfig; any bad argument exits with one error line."""
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--attributions", required=True, help="output directory (or URI) of jobs.attribute")
+    p.add_argument("--out", required=True, help="output directory or URI for the metric rows")
+    p.add_argument("--shards", nargs="+", default=None,
+                   help="the shards the maps were computed on (default: those recorded by the attribution run)")
+    p.add_argument("--metrics", default=",".join(ALL_METRICS), help=f"comma-separated: {', '.join(ALL_METRICS)}")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the run's methods (default: all)")
+    p.add_argument("--morf-steps", type=int, default=10, help="MoRF/LeRF curve points: 0, 1/n, …, 100%% of pixels")
+    p.add_argument("--insertion-steps", type=int, default=20, help="insertion at PI = 100/n, …, 100%% (20: 5%% steps)")
+    p.add_argument("--lerf-abs", default=",".join(EvaluateConfig.__dataclass_fields__["lerf_abs_methods"]
+                                                  .default_factory()),
+                   help="methods whose LeRF ranking uses |map| (signed gradient maps)")
+    p.add_argument("--border", type=int, default=16, help="IBD's border width in map pixels")
+    p.add_argument("--chunk-size", type=int, default=64, help="perturbed images per forward pass")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--device", default=None, help="force a torch device for the actors (cpu, cuda)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="delete previous outputs in --out first")
+    a = p.parse_args(argv)
+    wanted = [m.strip() for m in a.metrics.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in ALL_METRICS]
+    if not wanted or unknown:
+        fail(f"unknown metric {unknown[0] if unknown else '(none)'!r}; known: {', '.join(ALL_METRICS)}")
+    for name in ("morf_steps", "insertion_steps", "chunk_size", "batch_size", "workers"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+    if a.border < 0:
+        fail("--border must be non-negative")
+    try:
+        source = attribution_run(a.attributions)
+    except JobError as exc:
+        fail(str(exc))
+    model, weights = source["config"]["model"], source["config"]["weights"]
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    absent = [m for m in methods or [] if m not in source["config"]["methods"]]
+    if absent:
+        fail(f"method {absent[0]!r} is not in the attribution run {a.attributions} "
+             f"(it has {', '.join(source['config']['methods'])})")
+    worker = EvaluateConfig(attributions=a.attributions, model=model, weights=weights,
+                            metrics=[m for m in wanted if m in METRICS], methods=methods,
+                            morf_steps=a.morf_steps, insertion_steps=a.insertion_steps,
+                            lerf_abs_methods=[m for m in a.lerf_abs.split(",") if m], border=a.border,
+                            chunk_size=a.chunk_size, device=a.device)
+    return EvaluateJobConfig(out=a.out, worker=worker, shards=a.shards,
+                             dataset_metrics=[m for m in wanted if m in DATASET_METRICS], batch_size=a.batch_size,
+                             workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
+                             overwrite=a.overwrite, address=a.address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    config = parse_args(argv)
+    try:
+        run(config)
+    except (JobError, AttributionError) as exc:
+        fail(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
