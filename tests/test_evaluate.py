@@ -17,6 +17,7 @@ from attribution import models
 from attribution.data.sample_sets import photo_samples
 from attribution.data.shards import write_shards
 from attribution.images import decode_sample
+from attribution.metrics.discrimination import class_discrimination
 from attribution.metrics.faithfulness import prototype_accuracy
 from attribution.metrics.localisation import border_intensity, box_mask, energy_pointing_game
 from attribution.metrics.perturbation import black_baseline, curve_auc, perturbation_curves, pixel_order
@@ -71,11 +72,11 @@ def test_rows_per_sample_method_metric(evaluated, maps_dir):
     per_metric = frame.groupby("metric").size().to_dict()
     n, m = len(samples), len(METHODS)
     with_boxes = sum(1 for s in samples if s.meta["bboxes"])
-    assert per_metric["ibd"] == n * m * 5                       # every stored map
-    assert per_metric["ebpg"] == with_boxes * m * 5              # maps of images with boxes
-    for name in ("morf", "lerf", "insertion_accuracy", "insertion_softmax", "class_discrimination", "seconds"):
+    assert per_metric["ebpg"] == with_boxes * m                  # the top-1 map of images with boxes
+    for name in ("ibd", "morf", "lerf", "insertion_accuracy", "insertion_softmax", "class_discrimination", "seconds"):
         assert per_metric[name] == n * m, name                   # one per (sample, method): the top-1 map
-    assert set(frame.loc[frame.metric == "morf", "target_rank"]) == {0}
+    for name in ("ebpg", "ibd", "morf", "insertion_softmax"):
+        assert set(frame.loc[frame.metric == name, "target_rank"]) == {0}
     labelled = frame[frame.label >= 0]
     assert (labelled.correct == (labelled.top1 == labelled.label)).all()
     assert frame.loc[frame.label < 0, "correct"].isna().all()
@@ -100,11 +101,13 @@ def test_values_equal_direct_calls(evaluated, maps_dir):
         rows = rows.sort_by("target_rank")
         maps = torch.from_numpy(maps_of(rows))
         got = frame[(frame.key == sample.key) & (frame.method == method)]
-        ibd = got[got.metric == "ibd"].sort_values("target_rank").value.to_numpy()
-        np.testing.assert_allclose(ibd, border_intensity(maps, border=16).numpy(), rtol=1e-6)
-        masks = box_mask(decoded.bboxes_input, 224, 224)[None].expand(5, -1, -1)
-        ebpg = got[got.metric == "ebpg"].sort_values("target_rank").value.to_numpy()
-        np.testing.assert_allclose(ebpg, energy_pointing_game(maps, masks).numpy(), rtol=1e-6)
+        ibd = got[got.metric == "ibd"].value.to_numpy()
+        np.testing.assert_allclose(ibd, border_intensity(maps[:1], border=16).numpy(), rtol=1e-6)
+        masks = box_mask(decoded.bboxes_input, 224, 224)[None]
+        ebpg = got[got.metric == "ebpg"].value.to_numpy()
+        np.testing.assert_allclose(ebpg, energy_pointing_game(maps[:1], masks).numpy(), rtol=1e-6)
+        cd = got[got.metric == "class_discrimination"].value.to_numpy()
+        np.testing.assert_allclose(cd, class_discrimination(maps[None]).numpy(), rtol=1e-6)
         target = torch.tensor([int(rows.column("target")[0].as_py())])
         fractions = [0.0, 0.25, 0.5, 0.75, 1.0]
         morf = perturbation_curves(spec.module, image, pixel_order(maps[:1], most_relevant_first=True), target,

@@ -139,8 +139,9 @@ class EvaluateWorker:
         if "ebpg" in wanted:
             out += self._ebpg(context, maps)
         if "ibd" in wanted:
-            values = border_intensity(maps, border=self.config.border)
-            out += [(r, context.row(r, "ibd", float(values[r]))) for r in range(len(sample_of))]
+            primary = context.primary()
+            values = border_intensity(maps[primary], border=self.config.border).tolist()
+            out += [(r, context.row(r, "ibd", v)) for r, v in zip(primary, values)]
         if "class_discrimination" in wanted:
             out += self._class_discrimination(context, maps)
         if "seconds" in wanted:
@@ -170,7 +171,7 @@ class EvaluateWorker:
 
     # ------------------------------------------------------------------------------------------------ metrics
     def _ebpg(self, context: "_Context", maps: torch.Tensor) -> list[tuple[int, dict]]:
-        with_boxes = [r for r in range(maps.shape[0]) if context.meta["bboxes_input"][r]]
+        with_boxes = [r for r in context.primary() if context.meta["bboxes_input"][r]]
         if not with_boxes:
             return []
         masks = torch.stack([box_mask(context.meta["bboxes_input"][r], self.size, self.size) for r in with_boxes])
@@ -193,10 +194,8 @@ class EvaluateWorker:
 
     def _perturbation(self, context: "_Context", maps: torch.Tensor, images: torch.Tensor, image_of: list[int],
                       wanted: set[str]) -> list[tuple[int, dict]]:
-        """MoRF/LeRF/insertion for each sample's primary rows: every row for label/top1 targets, the top-1 row for
-        top5 runs (the other four classes' curves would cost 4x the forward passes for little information)."""
-        primary = [r for r in range(maps.shape[0])
-                   if context.meta["target_kind"][r] != "top5" or context.meta["target_rank"][r] == 0]
+        """MoRF/LeRF/insertion of the primary maps (see _Context.primary)."""
+        primary = context.primary()
         if not primary:
             return []
         cfg, spec = self.config, self.spec
@@ -252,6 +251,13 @@ class _Context:
         for r, i in enumerate(self.sample_of):
             groups.setdefault((i, self.meta["method"][r], self.meta["options"][r]), []).append(r)
         return groups
+
+    def primary(self) -> list[int]:
+        """The rows whose map the per-image metrics (EBPG, IBD, MoRF/LeRF, insertion) score: every row of label/top1
+        runs, the top-1 row of top5 runs (the papers score one map per image: the class the image is explained
+        for; the other four maps of a top5 run serve class discrimination)."""
+        return [r for r in range(len(self.sample_of))
+                if self.meta["target_kind"][r] != "top5" or self.meta["target_rank"][r] == 0]
 
     def first_per_method(self) -> list[int]:
         """One row per (sample, method, options): the first (lowest target rank)."""
