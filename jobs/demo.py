@@ -24,71 +24,34 @@ from typing import Sequence
 import numpy as np
 
 from attribution.models import imagenet_class_names
+from jobs import figures
+from jobs.figures import OVERLAID_METHODS, method_title
 
 MODEL = "efficientnet_lite0"
 CLASS_NAMES = imagenet_class_names()
 METHODS = ("saliency", "gbp", "gradcam", "tr_gbp", "a_fmi")
-TITLES = {"saliency": "Saliency", "gbp": "Guided Backprop", "gradcam": "Grad-CAM", "tr_gbp": "TR-GBP",
-          "a_fmi": "A-FMI"}
+TITLES = {m: method_title(m) for m in METHODS}
 SIGNED = {"gbp", "tr_gbp", "a_fmi"}       # diverging colormap, symmetric limits
-OVERLAID = {"gradcam", "a_fmi"}           # coarse maps: drawn over the faded photo
-DIVERGING_CMAP, SEQUENTIAL_CMAP = "bwr", "inferno"
-CELL_INCHES = 2.2                          # each panel is CELL_INCHES square (plus room for titles)
-TITLE_INCHES = 0.45                        # extra height per row for the panel titles
-HEADER_INCHES = 0.5                        # the figure title above the first row
-DPI = 100
+OVERLAID = set(OVERLAID_METHODS)          # coarse maps: drawn over the faded photo
 FIGURE_NAME = "demo_attributions.png"
+FIGURE_TITLE = ("EfficientNet-Lite0 (ImageNet weights): maps for each photo's top-1 class (probability)\n"
+                "signed maps in bwr (red > 0 > blue, limits ±99th percentile of |map|); "
+                "saliency and Grad-CAM in inferno (0 to 99th percentile)")
 
 
 def figure_size_px(rows: int, columns: int = 1 + len(METHODS)) -> tuple[int, int]:
-    """(width, height) in pixels of the demo figure for ``rows`` photos."""
-    return round(columns * CELL_INCHES * DPI), round((HEADER_INCHES + rows * (CELL_INCHES + TITLE_INCHES)) * DPI)
+    """(width, height) in pixels of the demo figure for ``rows`` photos (``columns`` panels per row)."""
+    return figures.figure_size_px(rows, columns)
 
 
-def _limits(values: np.ndarray, signed: bool) -> tuple[float, float]:
-    top = float(np.percentile(np.abs(values) if signed else values, 99))
-    top = top if top > 0 else float(np.abs(values).max()) or 1.0
-    return (-top, top) if signed else (0.0, top)
-
-
-def draw(pixels: np.ndarray, maps: dict[str, np.ndarray], row_titles: Sequence[str], path: Path) -> None:
-    """The grid: ``pixels`` [N, H, W, 3] in [0, 1]; ``maps`` method -> [N, H, W]; one title per row."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, columns = len(pixels), 1 + len(maps)
-    width, height = figure_size_px(rows, columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False)
-    height_in = height / DPI
-    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.08 / height_in,
-                        top=1 - (HEADER_INCHES + TITLE_INCHES * 0.7) / height_in,
-                        wspace=0.04, hspace=TITLE_INCHES / CELL_INCHES)
-    for r in range(rows):
-        grey = pixels[r].mean(axis=-1)
-        axes[r, 0].imshow(pixels[r])
-        axes[r, 0].set_title(row_titles[r], fontsize=9)
-        for c, (method, values) in enumerate(maps.items(), start=1):
-            ax = axes[r, c]
-            signed = method in SIGNED
-            vmin, vmax = _limits(values[r], signed)
-            cmap = DIVERGING_CMAP if signed else SEQUENTIAL_CMAP
-            if method in OVERLAID:
-                ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
-                ax.imshow(values[r], cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.6)
-            else:
-                ax.imshow(values[r], cmap=cmap, vmin=vmin, vmax=vmax)
-            ax.set_title(TITLES.get(method, method), fontsize=10)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("EfficientNet-Lite0 (ImageNet weights): maps for each photo's top-1 class (probability)\n"
-                 "signed maps in bwr (red > 0 > blue, limits ±99th percentile of |map|); "
-                 "saliency and Grad-CAM in inferno (0 to 99th percentile)", fontsize=10,
-                 y=1 - 0.06 / height_in, va="top")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+def draw(pixels: np.ndarray, maps: dict[str, np.ndarray], row_titles: Sequence[str], path: Path) -> Path:
+    """The grid via jobs.figures.heatmap_grid: ``pixels`` uint8 [N, H, W, 3]; ``maps`` method -> float [N, H, W];
+    one title per row. Returns the PNG path."""
+    methods = list(maps)
+    return figures.heatmap_grid([[maps[m][r] for m in methods] for r in range(len(pixels))], out=path,
+                                row_labels=row_titles, col_labels=[TITLES.get(m, method_title(m)) for m in methods],
+                                images=list(pixels), signed=[m in SIGNED for m in methods],
+                                overlay=[m in OVERLAID for m in methods], title=FIGURE_TITLE)
 
 
 def run(out: Path, methods: Sequence[str] = METHODS, targets: str = "top5") -> Path:
@@ -134,7 +97,7 @@ def run(out: Path, methods: Sequence[str] = METHODS, targets: str = "top5") -> P
         row = top1_frame[top1_frame["key"] == k].iloc[0]
         titles.append(f"{k}: {CLASS_NAMES[int(row['target'])]} ({float(row['top5_prob'][0]):.2f})")
     path = out / FIGURE_NAME
-    draw(pixels.transpose(0, 2, 3, 1) / 255.0, maps, titles, path)
+    draw(pixels.transpose(0, 2, 3, 1), maps, titles, path)
 
     print("\nper method (seconds per image on this machine, maps written):")
     per_method = frame.groupby("method").agg(maps=("key", "size"), images=("key", "nunique"),
