@@ -1,4 +1,4 @@
-"""The demo, end to end on CPU and offline: sample shards -> jobs.attribute on an embedded Ray -> a figure.
+"""The demo, end to end on CPU and offline: sample shards -> attribute -> evaluate -> sanity -> report.
 
     python -m jobs.demo --out runs/demo        (what `make demo` runs)
 
@@ -9,8 +9,10 @@ Parquet output back and draws a PNG grid of the top-1 maps: one row per photo (t
 probability), one column per method. Signed maps (gbp, tr_gbp, a_fmi) use a diverging colormap with symmetric
 limits at the 99th percentile of |map| (red positive, blue negative); non-negative maps (saliency, gradcam) a
 sequential one from 0 to their 99th percentile; coarse maps (gradcam, a_fmi) are overlaid on a faded photo.
-Prints where the shards, the Parquet files and the figure are, and a pandas summary. A second run resumes: the
-committed shards are skipped.
+Then it evaluates the maps (jobs.evaluate: EBPG, IBD, MoRF/LeRF, insertion, class discrimination, time), runs the
+cascading-randomisation sanity check on GBP and TR-GBP (jobs.sanity) and builds the report (jobs.report).
+Prints where the shards, the Parquet files, the figure and the report are, and a pandas summary; the last line is
+``Report: <path of index.html>``. A second run resumes: the committed shards are skipped.
 """
 from __future__ import annotations
 
@@ -112,7 +114,34 @@ def run(out: Path, methods: Sequence[str] = METHODS, targets: str = "top5") -> P
     print(f"Shards:  {shards.pattern}")
     print(f"Parquet: {maps_dir / 'attributions'}   (pandas.read_parquet; manifest: {maps_dir / 'manifest.json'})")
     print(f"Demo figure: {path}", flush=True)
+    report = evaluate_and_report(out, maps_dir, shards.pattern, methods)
+    print(f"Report: {report}", flush=True)
     return path
+
+
+def evaluate_and_report(out: Path, maps_dir: Path, shards: str, methods: Sequence[str]) -> Path:
+    """The rest of the chain on the demo's maps: jobs.evaluate (every metric, coarse curves: MoRF/LeRF in 5 steps,
+    insertion in 10 % steps, to keep the CPU demo short), jobs.sanity (GBP and TR-GBP on 2 photos, every
+    randomisation step) and jobs.report; returns the path of the report's index.html."""
+    from jobs.evaluate import EvaluateJobConfig
+    from jobs.evaluate import run as evaluate_run
+    from jobs.report import ReportConfig, build
+    from jobs.sanity import SanityJobConfig
+    from jobs.sanity import run as sanity_run
+    from workers.evaluate_worker import EvaluateConfig
+    from workers.sanity_worker import SanityConfig
+
+    print("\ndemo: evaluating the maps (jobs.evaluate)", flush=True)
+    evaluate_run(EvaluateJobConfig(out=str(out / "metrics"), batch_size=8, worker=EvaluateConfig(
+        attributions=str(maps_dir), model=MODEL, weights="imagenet", morf_steps=5, insertion_steps=10)))
+    sanity_methods = [m for m in ("gbp", "tr_gbp") if m in methods] or list(methods)[:1]
+    print(f"\ndemo: cascading randomisation of {', '.join(sanity_methods)} (jobs.sanity)", flush=True)
+    sanity_run(SanityJobConfig(shards=[shards], out=str(out / "sanity"), max_images=2, grid_images=2,
+                               overwrite=True, worker=SanityConfig(model=MODEL, weights="imagenet",
+                                                                   methods=sanity_methods)))
+    print("\ndemo: the report (jobs.report)", flush=True)
+    return build(ReportConfig(runs=[str(out / "metrics"), str(out / "sanity"), str(maps_dir)],
+                              out=str(out / "report"), grid_images=7, quiet=True))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

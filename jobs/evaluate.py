@@ -134,7 +134,7 @@ def _pipeline(config: EvaluateJobConfig, pending: list[str], ray):
     worker = EvaluateConfig(**{**asdict(config.worker), "threads": config.worker.threads or max(1, int(cpus))})
     if not gpus and worker.device is None:
         worker.device = "cpu"
-    preprocessing = models.preprocessing_for(worker.model)
+    preprocessing = models.preprocessing_for(worker.model, worker.weights)
     return (
         ray.data.read_datasource(WebDatasetShards(pending))
         .map_batches(decode_batch, fn_kwargs={"preprocessing": preprocessing}, batch_format="pyarrow",

@@ -86,6 +86,7 @@ class ReportConfig:
     screenshot: bool = False
     title: str = "Attribution maps at dataset scale: report"
     quiet: bool = False
+    claims: pd.DataFrame | None = None  # jobs.claims: columns paper, claim, setting, measured, verdict
 
 
 def build(config: ReportConfig) -> Path:
@@ -119,6 +120,11 @@ def build(config: ReportConfig) -> Path:
     sections: list[page.Section] = []
     runs_section = page.Section("Runs", "runs", tables=[write(_runs_table(runs))], notes=list(notes))
     sections.append(runs_section)
+    if config.claims is not None and not config.claims.empty:
+        frame = config.claims.astype(str)
+        claims = Table("claims", "The papers' claims, measured (python -m jobs.claims)",
+                       [c.capitalize() for c in frame.columns], frame.values.tolist(), frame)
+        sections.append(page.Section("Claims", "claims", tables=[write(claims)]))
     sections.append(page.Section("Legend", "legend", intro=page.legend()
                                  + "<p>CSV files hold fractions and seconds; the tables here show EBPG, IBD-AUC and "
                                    "FMI accuracy in percent, as the papers do. One map per image and method counts: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
+from schemas.metrics import SANITY_SCHEMA
 from schemas.samples import SAMPLE_SCHEMA
 
 
@@ -21,7 +22,9 @@ def main() -> None:
     for title, schema in (("samples (decoded WebDataset samples)", SAMPLE_SCHEMA),
                           ("attributions/<shard>/part-*.parquet (map dtype float16 by default)",
                            attribution_schema(224, "float16")),
-                          ("errors/<shard>/part-*.parquet", ERROR_SCHEMA)):
+                          ("errors/<shard>/part-*.parquet", ERROR_SCHEMA),
+                          ("sanity/part-*.parquet (jobs.sanity; its errors/part-*.parquet use the errors schema)",
+                           SANITY_SCHEMA)):
         print(f"{title}\n{describe(schema)}\n")
 
 

@@ -21,8 +21,8 @@ Metric names (``metric``), value and unit:
 **Dataset metrics** (``dataset_metrics.parquet``): one row per (model, method, options, metric) for metrics that
 only exist over a data set (FMI prototype-classification accuracy).
 
-**Sanity rows** (``sanity/<shard>/…`` of ``jobs.sanity``): one row per (sample, method, randomisation step) with
-the similarity of the map after the step to the original map.
+**Sanity rows** (``sanity/part-*.parquet`` of ``jobs.sanity``): one row per (sample, method, randomisation step)
+with the similarity of the map after the step to the original map.
 """
 from __future__ import annotations
 

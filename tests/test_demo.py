@@ -19,7 +19,12 @@ def test_demo_runs_the_pipeline_and_draws_the_grid(ray_session, tmp_path, capsys
     assert len(frame) == len(photo_samples()) * len(demo.METHODS)
     assert set(frame["method"]) == set(demo.METHODS)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == f"Demo figure: {path}"
+    assert f"Demo figure: {path}" in lines
+    report = (tmp_path / "demo" / "report" / "index.html").resolve()
+    assert lines[-1] == f"Report: {report}"
+    html = report.read_text()
+    for heading in ("TR-GBP", "A-FMI", "Grad-CAM", "EBPG", "Insertion", "sanity"):
+        assert heading.lower() in html.lower(), heading
     assert any(line.startswith("Parquet: ") and "attributions" in line for line in lines)
     assert any(line.startswith("[2/2] committed photos-000001.tar") for line in lines)
 

@@ -9,7 +9,6 @@ no join of 50,000 × methods × targets maps across the cluster, and resumable p
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -31,17 +31,17 @@ GRID_TITLE = ("{model}: the {what} map of each image (row title: key, class, pro
               "non-negative maps in inferno (0 to the 99th percentile)")
 
 
-def _preprocessing(model: str) -> Preprocessing:
+def _preprocessing(model: str, weights: str | None = None) -> Preprocessing:
     try:
-        return preprocessing_for(model)
+        return preprocessing_for(model, weights)
     except AttributionError:
         return Preprocessing()
 
 
-def _photos(keys: list[tuple[str, str]], shard_uris: dict[str, str], model: str) -> tuple[list[np.ndarray] | None,
-                                                                                            str | None]:
+def _photos(keys: list[tuple[str, str]], shard_uris: dict[str, str], model: str,
+            weights: str | None = None) -> tuple[list[np.ndarray] | None, str | None]:
     """uint8 [S, S, 3] photo per (shard, key), or (None, why) when any of them cannot be had."""
-    preprocessing = _preprocessing(model)
+    preprocessing = _preprocessing(model, weights)
     found: dict[tuple[str, str], np.ndarray] = {}
     for shard in sorted({s for s, _ in keys}):
         uri = shard_uris.get(shard)
@@ -112,7 +112,8 @@ def attribution_grid(run: Run, out: Path, *, n_images: int, shard_uris: dict[str
         name = names[target] if 0 <= target < len(names) else str(target)
         prob = f" ({float(r['top5_prob'][top5.index(target)]):.2f})" if target in top5 else ""
         row_labels.append(f"{at[1]}\n{name[:28]}{prob}")
-    photos, why = _photos(keys, shard_uris, run.models[0] if run.models else "")
+    photos, why = _photos(keys, shard_uris, run.models[0] if run.models else "",
+                          run.manifest.get("config", {}).get("weights"))
     if photos is None:
         notes.append(f"heatmap grid of {run.uri} drawn without photos: {why}")
     signed = [any(cells[i][j] is not None and bool((cells[i][j] < 0).any()) for i in range(len(keys)))
