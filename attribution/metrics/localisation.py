@@ -23,7 +23,8 @@ of the image (:func:`ebpg_eligible`, area in original pixels).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -36,7 +36,8 @@ PI in [0.05, 1] divided by 0.95) are Accuracy-AUC and Softmax-AUC.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,7 +95,7 @@ def _pixel_counts(fractions: Sequence[float], pixels: int) -> list[int]:
         f = float(f)
         if not 0.0 <= f <= 1.0:
             raise AttributionError(f"fractions must lie in [0, 1], got {f}")
-        out.append(min(pixels, int(math.floor(f * pixels + 0.5))))
+        out.append(min(pixels, math.floor(f * pixels + 0.5)))
     return out
 
 
@@ -141,7 +142,7 @@ def _curves(model: Callable[[Tensor], Tensor], images: Tensor, image_of: Tensor,
                                f"{tuple(getattr(images, 'shape', ())) or type(images).__name__}")
     if chunk_size < 1:
         raise AttributionError(f"chunk_size must be >= 1, got {chunk_size}")
-    _, c, h, w = images.shape
+    h, w = images.shape[2:]
     device = images.device
     rows = order.shape[0] if isinstance(order, Tensor) else -1
     position = _positions(order.to(device) if isinstance(order, Tensor) else torch.as_tensor(order), h * w)

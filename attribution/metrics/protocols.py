@@ -48,7 +48,7 @@ def ibd_keep_mask(ibd: Any, *, keep: float = 0.5) -> np.ndarray:
     n = int(valid.sum())
     if n == 0:
         return valid
-    n_keep = n - int(math.floor((1.0 - keep) * n + 1e-9))
+    n_keep = n - math.floor((1.0 - keep) * n + 1e-9)
     threshold = np.sort(v[valid])[::-1][n_keep - 1]
     return valid & (v >= threshold)
 
