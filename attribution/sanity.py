@@ -19,11 +19,14 @@ Decisions where the papers are open:
   that hold parameters, in reverse registration order, named by their attribute names; when only one child
   holds parameters the rule descends into it (so ``wrap(nn.Sequential(body))`` still gives several blocks).
   Parameters registered directly on a module whose children are split up are not randomised.
-* **Re-initialisation** (:func:`randomised_copy`): every parameter tensor of a randomised block (conv and linear
-  weights and biases, BatchNorm weight and bias) is replaced by draws from a normal distribution with that
-  tensor's own mean and standard deviation, so scales stay trained-like and effective biases stay non-zero —
-  TR-GBP attributes to biases, and a ``reset_parameters()`` (BatchNorm bias 0, weight 1) would make its change
-  trivial. A tensor with one element or zero spread (e.g. an all-zero bias) keeps its value. BatchNorm running
+* **Re-initialisation** (:func:`randomised_copy`): every parameter tensor of a randomised block is replaced by
+  normal draws: conv and linear *kernels* (tensors of 2 or more dimensions) from N(0, their own std), as a fresh
+  initialisation of trained scale would; *vectors* (conv/linear biases, BatchNorm weight and bias) from N(their own
+  mean, their own std), so effective biases stay trained-like and non-zero — TR-GBP attributes to biases, and a
+  ``reset_parameters()`` (BatchNorm bias 0, weight 1) would make its change trivial. Kernels are centred because
+  a kernel redrawn around a non-zero trained mean acting on non-negative (post-ReLU) inputs shifts every unit by
+  mean x (sum of its inputs): on the benchmark's VGG-style head that killed every ReLU after the classifier step
+  and made every guided map all-zero. A tensor with one element or zero spread (e.g. an all-zero bias) keeps its value. BatchNorm running
   statistics (buffers) are kept. Draws (float32; float64 for float64 parameters) come from a CPU generator
   seeded by (seed, block position from the top), so step k's copy is the same on every device and its top k-1
   blocks equal step k-1's.
@@ -131,14 +134,16 @@ def _block_seed(seed: int, position: int) -> int:
 
 @torch.no_grad()
 def _reinitialise(modules: Sequence[nn.Module], seed: int, position: int) -> None:
-    """Redraw every parameter of ``modules`` from N(its mean, its std) (in place, on a private copy only)."""
+    """Redraw every parameter of ``modules``: kernels from N(0, their std), vectors from N(their mean, their std)
+    (in place, on a private copy only)."""
     generator = torch.Generator().manual_seed(_block_seed(seed, position))
     for p in _parameters(modules):
         values = p.detach().to(torch.float64)  # statistics in float64, on the parameter's device
         std = float(values.std()) if values.numel() > 1 else 0.0
         std = std if np.isfinite(std) else 0.0
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        draw = torch.randn(p.shape, generator=generator, dtype=dtype).mul_(std).add_(float(values.mean()))
+        mean = float(values.mean()) if p.ndim < 2 else 0.0  # kernels centred, vectors keep their mean
+        draw = torch.randn(p.shape, generator=generator, dtype=dtype).mul_(std).add_(mean)
         p.copy_(draw.to(device=p.device, dtype=p.dtype))
 
 
