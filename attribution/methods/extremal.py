@@ -26,8 +26,11 @@ Pieces, as in TorchRay 1.0.0.2 (verified against it in tests/test_extremal.py):
 
 Decisions of this implementation:
 
-* Batched: all (image, target, area) rows are optimised together in one loop; rows do not interact (eval-mode
-  model, energy summed over rows), so each row follows its own TorchRay trajectory.
+* Batched: the (image, target, area) rows are optimised together, ``internal_batch_size`` rows (default 64) per
+  optimisation loop; rows do not interact (eval-mode model, energy summed over rows, element-wise SGD), so each
+  row follows its own TorchRay trajectory and the chunks run one after the other. The chunk bounds memory: a
+  row costs about 120 MiB for a ResNet-18 at 224 px on CPU (the smooth-max mask generator's k²-channel maps and
+  one backward through the model).
 * The caller's model is untouched: TorchRay sets ``requires_grad=False`` on the model's parameters; here
   gradients are taken w.r.t. the mask parameters only (``torch.autograd.grad``).
 """
@@ -134,7 +137,8 @@ class ExtremalPerturbation(Method):
 
     Options: ``areas`` ((0.1,)), ``iterations`` (800), ``step`` (7), ``sigma`` (21), ``num_levels`` (8),
     ``max_blur`` (20), ``jitter`` (True), ``variant`` ("preserve" or "delete"), ``return_masks`` (extras
-    ``masks`` [B(, T), A, H, W] and ``area`` [B(, T), A], the mean of each full mask incl. margin).
+    ``masks`` [B(, T), A, H, W] and ``area`` [B(, T), A], the mean of each full mask incl. margin),
+    ``internal_batch_size`` ((image, target, area) rows optimised together, 64; None = all rows at once).
     """
 
     name = "extremal_perturbation"
@@ -142,13 +146,16 @@ class ExtremalPerturbation(Method):
     def _attribute(self, images: Tensor, targets: Tensor, *, areas: Sequence[float] = (0.1,),
                    iterations: int = 800, step: int = 7, sigma: float = 21.0, num_levels: int = 8,
                    max_blur: float = MAX_BLUR, jitter: bool = True, variant: str = "preserve",
-                   return_masks: bool = False) -> Attribution:
+                   return_masks: bool = False, internal_batch_size: int | None = 64) -> Attribution:
         areas = [float(areas)] if isinstance(areas, (int, float)) else [float(a) for a in areas]
         if variant not in VARIANTS:
             raise AttributionError(f"extremal_perturbation: unknown variant {variant!r}; use {', '.join(VARIANTS)}")
         if not areas or any(not 0 < a <= 1 for a in areas) or iterations < 0 or step < 1 or num_levels < 2:
             raise AttributionError("extremal_perturbation: need areas in (0, 1], iterations >= 0, step >= 1, "
                                    "num_levels >= 2")
+        if internal_batch_size is not None and (not isinstance(internal_batch_size, int) or internal_batch_size < 1):
+            raise AttributionError(f"extremal_perturbation: internal_batch_size must be a positive integer or None, "
+                                   f"got {internal_batch_size!r}")
         b, t_count, a_count = images.shape[0], targets.shape[1], len(areas)
         h, w = images.shape[-2:]
         images = images.detach()
@@ -158,12 +165,27 @@ class ExtremalPerturbation(Method):
         rows = torch.arange(b, device=images.device).repeat_interleave(t_count * a_count)  # [R] image index
         row_targets = targets.repeat_interleave(a_count, dim=1).reshape(-1, 1)  # [R, 1]
         generator = SmoothMask((h, w), step, sigma)
-        params = images.new_ones(len(rows), 1, *generator.shape_in)
         full_size = generator.shape_out[0] * generator.shape_out[1]
         reference = images.new_ones(a_count, full_size)
         for i, a in enumerate(areas):
             reference[i, :int(full_size * (1 - a))] = 0
         reference = reference.repeat(b * t_count, 1)  # [R, full_size]
+        chunk = len(rows) if internal_batch_size is None else internal_batch_size
+        parts = [self._optimise(pyramid, rows[i:i + chunk], row_targets[i:i + chunk], reference[i:i + chunk],
+                                generator, iterations, jitter, variant) for i in range(0, len(rows), chunk)]
+        mask, full = torch.cat([m for m, _ in parts]), torch.cat([f for _, f in parts])
+        masks = mask.view(b, t_count, a_count, h, w)
+        extras = {}
+        if return_masks:
+            extras = {"masks": masks, "area": full.flatten(1).mean(dim=1).view(b, t_count, a_count)}
+        return Attribution(masks.sum(dim=2), extras)
+
+    def _optimise(self, pyramid: Tensor, rows: Tensor, row_targets: Tensor, reference: Tensor,
+                  generator: SmoothMask, iterations: int, jitter: bool, variant: str) -> tuple[Tensor, Tensor]:
+        """TorchRay's optimisation of the masks of R rows together (``rows`` [R]: image index into ``pyramid``,
+        ``row_targets`` [R, 1], ``reference`` [R, full_size]: the sorted-mask target of each row's area).
+        Returns the last iteration's masks [R, 1, H, W] and full masks with margin, both detached."""
+        params = pyramid.new_ones(len(rows), 1, *generator.shape_in)
         optimizer = torch.optim.SGD([params], lr=LEARNING_RATE, momentum=MOMENTUM, dampening=MOMENTUM)
         regul_weight = REGUL_WEIGHT
         for it in range(iterations):
@@ -186,8 +208,4 @@ class ExtremalPerturbation(Method):
         if iterations == 0:
             with torch.no_grad():
                 mask, full = generator(params)
-        masks = mask.view(b, t_count, a_count, h, w)
-        extras = {}
-        if return_masks:
-            extras = {"masks": masks, "area": full.flatten(1).mean(dim=1).view(b, t_count, a_count)}
-        return Attribution(masks.sum(dim=2), extras)
+        return mask, full
