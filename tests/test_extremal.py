@@ -93,3 +93,14 @@ def test_model_untouched_and_options(resnet18):
         ExtremalPerturbation(resnet18).attribute(torch.randn(1, 3, 32, 32), [3], variant="dual")
     with pytest.raises(AttributionError):
         ExtremalPerturbation(resnet18).attribute(torch.randn(1, 3, 32, 32), [3], areas=[1.5])
+
+
+def test_chunked_rows_equal_one_batch():
+    """internal_batch_size chunks the (image, target, area) rows; each chunk runs every iteration: same masks."""
+    net = _net()
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    targets = torch.tensor([[1], [2], [0]])
+    method = ExtremalPerturbation(models.wrap(net))
+    whole = method.attribute(x, targets, areas=[0.1, 0.2], iterations=20, internal_batch_size=None).maps
+    chunked = method.attribute(x, targets, areas=[0.1, 0.2], iterations=20, internal_batch_size=2).maps
+    assert torch.allclose(chunked, whole, atol=1e-4)

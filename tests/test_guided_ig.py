@@ -126,3 +126,14 @@ def test_input_equal_to_baseline_gives_zero(resnet18):
 def test_quantile_index_matches_numpy(n, fraction):
     values = np.random.default_rng(0).permutation(n).astype(float)
     assert np.sort(values)[quantile_lower_index(n, fraction)] == np.quantile(values, fraction, method="lower")
+
+
+def test_chunked_rows_equal_one_batch_in_float64(resnet18):
+    """internal_batch_size splits the (image, target) rows into chunks that each run all steps: in float64 the
+    maps equal the single-chunk run (rows do not interact)."""
+    spec = float64_copy(resnet18)
+    images = inputs(spec, torch.float64, seed=3)
+    targets = torch.tensor([[2, 9], [4, 4], [8, 1], [16, 0]])
+    whole = GuidedIG(spec).attribute(images, targets, steps=4, internal_batch_size=None).maps
+    chunked = GuidedIG(spec).attribute(images, targets, steps=4, internal_batch_size=3).maps
+    assert torch.allclose(chunked, whole, rtol=1e-9, atol=1e-12 * float(whole.abs().max()))
