@@ -61,7 +61,8 @@ def make_benchmark(out: Path, config: benchmark.BenchmarkConfig, counts: dict[st
         shard_set.source = (f"benchmark (seed {config.seed}, {config.num_classes} classes, {config.size} px, "
                             f"shortcut {config.shortcut})")
         sets.append((shard_set, samples_per_shard))
-        description["splits"][split] = {**summary, "pattern": shard_set.pattern, "shards": len(shard_set.shards)}
+        description["splits"][split] = {**summary, "pattern": Path(shard_set.pattern).name,
+                                       "shards": len(shard_set.shards)}
     write_manifest(out, sets)
     _write_text(out / "classes.json", json.dumps(description, indent=1) + "\n")
     _write_text(out / "README.md", _readme(description))
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for split, s in description["splits"].items():
         print(f"{split}: {s['samples']} samples ({s['marked']} marked, {s['marked_wrong']} pointing to a wrong "
-              f"class) {s['pattern']}")
+              f"class) {Path(args.out).resolve() / s['pattern']}")
     print(f"wrote {Path(args.out).resolve()} (classes.json, README.md, shards.json) in "
           f"{time.perf_counter() - t0:.1f} s")
     return 0

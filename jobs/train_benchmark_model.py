@@ -1,13 +1,13 @@
 """Train a small benchmark CNN on the procedural benchmark's shards and save a checkpoint ``models.load`` reads.
 
     python -m jobs.train_benchmark_model --shards DIR --arch bench_resnet|bench_vgg --out PATH
-                                         [--epochs 10] [--seed 0] [--device cpu|cuda] [--batch-size 64]
-                                         [--lr 0.05] [--threads N]
+                                         [--epochs 10] [--seed 0] [--device cpu|cuda] [--batch-size 32]
+                                         [--lr 0.003] [--threads N]
 
 Reads ``DIR/train-*.tar`` and ``DIR/val-*.tar`` (written by ``jobs.make_benchmark``) with the pipeline's shard
-reader and sample decoder into memory, trains with SGD (Nesterov momentum 0.9, weight decay 5e-4, one-cycle
-learning rate, batch 64; augmentation: the 8 flips/quarter turns, under which every class and the border band
-are invariant), prints loss and train/val accuracy per epoch, then the final validation accuracy and, when the
+reader and sample decoder into memory, trains with AdamW (weight decay 1e-4, one-cycle learning rate peaking at
+``--lr``, batch 32; augmentation: one of the 8 flips/quarter turns per batch, under which every class and the
+border band are invariant), prints loss and train/val accuracy per epoch, then the final validation accuracy and, when the
 validation images carry border-shortcut marks, the accuracy on clean images, on images whose mark points to
 their own class and on images whose mark points to a wrong class (and how often the model followed the mark).
 
@@ -60,9 +60,9 @@ class TrainConfig:
     arch: str = "bench_resnet"
     epochs: int = 10
     seed: int = 0
-    batch_size: int = 64
-    lr: float = 0.05
-    weight_decay: float = 5e-4
+    batch_size: int = 32
+    lr: float = 0.003
+    weight_decay: float = 1e-4
     device: str | None = None
 
 
@@ -143,9 +143,18 @@ def shortcut_report(predicted: torch.Tensor, data: SplitData) -> dict:
     return report
 
 
-def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], None] = print) -> dict:
+@dataclass
+class TrainResult:
+    """The trained model (CPU, eval mode), the checkpoint's ``training`` summary and the validation data."""
+
+    model: torch.nn.Module
+    summary: dict
+    val: SplitData
+
+
+def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``config.arch`` on ``shards`` (a jobs.make_benchmark directory), save the checkpoint to ``out`` and
-    return the ``training`` summary (per-epoch history, final val report, seconds)."""
+    return the model with the ``training`` summary (settings, per-epoch history, final val report, seconds)."""
     if config.arch not in small_cnn.ARCHITECTURES:
         raise TrainError(f"unknown --arch {config.arch!r}; known: {', '.join(small_cnn.ARCHITECTURES)}")
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
@@ -166,8 +175,7 @@ def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], Non
 
     torch.manual_seed(config.seed)
     model = small_cnn.build(config.arch, len(class_names), size).to(device)
-    optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
-                                weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_data.labels) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, epochs=config.epochs,
                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
@@ -190,7 +198,7 @@ def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], Non
             loss.backward()
             optimiser.step()
             schedule.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y).sum())
         val = shortcut_report(predict(model, val_data.pixels, preprocessing, device), val_data)
         entry = {"epoch": epoch, "loss": total_loss / len(order), "train_accuracy": correct / len(order),
@@ -202,7 +210,7 @@ def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], Non
     model.eval()
     final = shortcut_report(predict(model, val_data.pixels, preprocessing, device), val_data)
     summary = {"epochs": config.epochs, "seed": config.seed, "batch_size": config.batch_size, "lr": config.lr,
-               "weight_decay": config.weight_decay, "device": str(device), "train_images": len(train_data.labels),
+               "optimiser": "AdamW", "weight_decay": config.weight_decay, "device": str(device), "train_images": len(train_data.labels),
                "seconds": seconds, "history": history, "val": final}
     ckpt = small_cnn.checkpoint(model.cpu(), mean=preprocessing.mean, std=preprocessing.std,
                                 class_names=class_names, class_wnids=[c["wnid"] for c in info["classes"]],
@@ -220,7 +228,7 @@ def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], Non
             f"{fmt(final['accuracy_mark_wrong'])} ({final['n_mark_wrong']}); followed the wrong mark "
             f"{fmt(final['followed_wrong_mark'])}")
     log(f"saved {out.resolve()}")
-    return summary
+    return TrainResult(model, summary, val_data)
 
 
 def build_parser() -> argparse.ArgumentParser:

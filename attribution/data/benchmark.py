@@ -5,7 +5,7 @@ Pure NumPy + PIL (no torch). Every sample is rendered from its own random genera
 ``(seed, split, index)``, so the same configuration always gives byte-identical images and metadata.
 
 Classes: ``shape x texture`` (:data:`SHAPES` x :data:`TEXTURES`), the first ``num_classes`` of
-``disc_solid, disc_striped, square_solid, square_striped, triangle_solid, …`` (2-10 classes). Neither the shape
+``disc_solid, disc_striped, cross_solid, cross_striped, triangle_solid, …`` (2-10 classes). Neither the shape
 nor the texture alone tells the class, and colours are drawn from one palette for every class and every
 distractor, so no single pixel (colour) is class-evidence: the network has to see the object's outline and its
 texture together. Objects are rotated at random (a rotated square is still a square).
@@ -14,12 +14,14 @@ One image (``size`` x ``size``, default 112):
 
 1. background: a two-colour linear gradient (muted colours) + three random low-frequency sinusoidal textures
    per channel + thin lines and dots of random colours (clutter);
-2. 2-4 *distractors* (bars, rings, elongated ellipses; solid or striped; palette colours), the same distribution
+2. 2-4 *distractors* (bars, rings, elongated ellipses, 10-22 % of the image across; solid or striped; palette
+   colours), the same distribution
    for every class (class-neutral), anywhere in the image, border included, but never touching the object's box
    (dilated by 2 px): a map on a distractor has no energy in the object's box;
 3. optionally the *shortcut mark* (see below);
-4. the object: hard-edged (no anti-aliasing), so its pixel mask is exactly the set of pixels it paints; it lies
-   inside the image minus the border band (+1 px), so it never overlaps the band;
+4. the object (fits a circle of radius 20-32 % of the inner square, i.e. the image minus the band and 1 px; at a
+   uniformly random place and rotation inside that square, so it never overlaps the band): hard-edged (no
+   anti-aliasing), so its pixel mask is exactly the set of pixels it paints; stripes are ~size/14 px per period;
 5. Gaussian pixel noise (sigma 6 grey levels) over everything.
 
 Border band: ``border_width(size) = round(16 * size / 224)`` pixels, i.e. the 16-px border of a 224 px map
@@ -48,7 +50,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "cross", "star")
+SHAPES: tuple[str, ...] = ("disc", "cross", "triangle", "square", "star")
 TEXTURES: tuple[str, ...] = ("solid", "striped")
 DISTRACTOR_KINDS: tuple[str, ...] = ("bar", "ring", "ellipse")
 MIN_CLASSES, MAX_CLASSES = 2, len(SHAPES) * len(TEXTURES)
@@ -121,7 +123,7 @@ class BenchmarkSample:
 
 
 def benchmark_classes(num_classes: int) -> list[BenchmarkClass]:
-    """The first ``num_classes`` classes (shape-major: disc_solid, disc_striped, square_solid, …)."""
+    """The first ``num_classes`` classes (shape-major: disc_solid, disc_striped, cross_solid, …)."""
     if not MIN_CLASSES <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in [{MIN_CLASSES}, {MAX_CLASSES}], got {num_classes}")
     classes = []
@@ -317,7 +319,7 @@ def _stripe_period(rng: np.random.Generator, size: int) -> float:
 
 @dataclass
 class _Plan:
-    """Everything drawn for one sample, decided before any pixel is painted."""
+    """A sample's class and the class its shortcut mark points to (None: no mark), decided per split."""
 
     label: int
     mark: int | None = None           # class the mark points to
