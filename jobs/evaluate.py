@@ -3,11 +3,14 @@
     python -m jobs.evaluate --attributions runs/maps --out runs/metrics \\
         [--metrics ebpg,ibd,morf,lerf,insertion,class_discrimination,seconds,fmi] [--methods gbp,tr_gbp]
 
-read shards -> decode (CPU tasks) -> evaluate in actors that pin the attribution run's model on one GPU (or CPU),
-fetching each batch's maps from the attribution Parquet by key, and batching all perturbation steps of all its
-images through the model -> write parts -> the driver commits each shard. Map-only metrics (EBPG, IBD, class
-discrimination, time) cost no forward pass. Dataset-level metrics (FMI prototype accuracy) are computed by the
-driver at the end from the attribution rows. A rerun with the same --out skips committed shards.
+With a model-based metric (MoRF, LeRF, insertion): read shards -> decode (CPU tasks) -> evaluate in actors that
+pin the attribution run's model on one GPU (or CPU), fetching each batch's maps from the attribution Parquet by
+key, and batching all perturbation steps of all its images through the model -> write parts -> the driver
+commits each shard. With map-only metrics alone (EBPG, IBD, class discrimination, time): the attribution
+Parquet, one shard per CPU task, streamed in key order -> map-only metrics -> write parts -> commit; no image is
+read and no model loaded. Either way the map-only metrics come from one function (workers.map_metrics).
+Dataset-level metrics (FMI prototype accuracy) are computed by the driver at the end from the attribution rows.
+A rerun with the same --out skips committed shards.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from attribution.errors import AttributionError
 from jobs.common import JobError, actor_resources, commit_as_written, ensure_ray, expand_shards, fail
 from schemas.metrics import validate_dataset_metrics
 from workers.decode import decode_batch
-from workers.evaluate_worker import METRICS, EvaluateConfig, EvaluateWorker
+from workers.evaluate_worker import METRICS, MODEL_METRICS, EvaluateConfig, EvaluateWorker
+from workers.map_metrics import MapMetricsConfig, ShardMapMetrics
 from workers.shards import WebDatasetShards, shard_name
 from workers.sink import OutputStore, write_metric_parts
 
@@ -99,7 +103,8 @@ def run(config: EvaluateJobConfig) -> dict:
         import ray
 
         try:
-            samples, rows, errors = commit_as_written(_pipeline(config, pending, ray).iter_rows(), store, manifest,
+            pipeline = (_pipeline if set(config.worker.metrics) & set(MODEL_METRICS) else _map_only_pipeline)
+            samples, rows, errors = commit_as_written(pipeline(config, pending, ray).iter_rows(), store, manifest,
                                                       len(uris), start, say, noun="metric rows")
         except Exception as exc:
             manifest["status"] = "failed"
@@ -142,6 +147,22 @@ def _pipeline(config: EvaluateJobConfig, pending: list[str], ray):
         .map_batches(EvaluateWorker, fn_constructor_kwargs={"config": worker}, batch_format="pyarrow",
                      batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
                      num_gpus=gpus, num_cpus=cpus)
+        .map_batches(write_metric_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+                     fn_kwargs={"uri": config.out})
+    )
+
+
+def _map_only_pipeline(config: EvaluateJobConfig, pending: list[str], ray):
+    """shard names -> map-only metrics from the attribution Parquet (CPU tasks, one shard each) -> write parts."""
+    worker = config.worker
+    metrics_config = MapMetricsConfig(attributions=worker.attributions, metrics=list(worker.metrics),
+                                      methods=worker.methods, border=worker.border)
+    shards = [{"shard": shard_name(u)} for u in pending]
+    return (
+        ray.data.from_items(shards, override_num_blocks=len(shards))
+        .map_batches(ShardMapMetrics, fn_constructor_kwargs={"config": metrics_config}, batch_format="pyarrow",
+                     batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(shards))),
+                     num_cpus=1)
         .map_batches(write_metric_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
                      fn_kwargs={"uri": config.out})
     )

@@ -3,6 +3,7 @@ attribution.metrics on the stored maps and decoded images, resume, dataset metri
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zlib
@@ -28,6 +29,7 @@ from jobs.evaluate import run as evaluate_run
 from schemas.metrics import validate_metrics
 from workers.attribution_worker import WorkerConfig
 from workers.evaluate_worker import EvaluateConfig
+from workers.map_metrics import MAP_METRICS
 from workers.sink import maps_of, read_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +132,66 @@ def test_rerun_resumes_and_adds_nothing(evaluated, maps_dir):
     summary = evaluate_run(evaluate_config(maps_dir, out))
     assert summary["samples"] == 0 and summary["shards_committed"] == summary["shards"]
     assert read_table(str(out), "metrics").num_rows == before
+
+
+def test_map_only_metrics_read_only_the_parquet(evaluated, maps_dir, tmp_path):
+    """Map-only metrics alone: the shards are never read (their recorded URIs point nowhere here), the rows equal
+    those of the image pipeline, one bad sample costs one error row, and a rerun adds nothing."""
+    copy = tmp_path / "maps"
+    shutil.copytree(maps_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for entry in manifest["shards"].values():
+        entry["uri"] = str(tmp_path / "gone" / Path(entry["uri"]).name)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "metrics"
+    summary = evaluate_run(evaluate_config(copy, out, worker={"metrics": list(MAP_METRICS)}))
+    assert summary["samples"] == len(photo_samples()) and summary["errors"] == 0
+    ours = read_table(str(out), "metrics").to_pandas()
+    full = read_table(str(evaluated[0]), "metrics").to_pandas()
+    full = full[full.metric.isin(MAP_METRICS)]
+    columns = ["key", "method", "metric", "target", "target_rank", "top1", "correct", "n_boxes"]
+    ours, full = (f.sort_values(columns[:3]).reset_index(drop=True) for f in (ours, full))
+    assert len(ours) == len(full) > 0
+    assert ours[columns].equals(full[columns])
+    np.testing.assert_allclose(ours.value, full.value, rtol=1e-6, atol=1e-9)
+    again = evaluate_run(evaluate_config(copy, out, worker={"metrics": list(MAP_METRICS)}))
+    assert again["samples"] == 0 and read_table(str(out), "metrics").num_rows == len(ours)
+
+
+def test_shard_map_metrics_streams_whole_samples_and_isolates_a_failure(maps_dir, monkeypatch):
+    """Reading 7 rows at a time (a sample has 10: 2 methods x top-5) gives the same rows as reading all at once;
+    a sample whose metrics raise gets one error row and the others keep theirs."""
+    import pyarrow as pa
+
+    import workers.map_metrics as mm
+
+    attributions = read_table(str(maps_dir)).to_pandas()
+    shard = attributions.shard.iloc[0]
+    keys = sorted(set(attributions.key[attributions.shard == shard]))
+    batch = pa.table({"shard": [shard]})
+
+    def rows_of(result):
+        return [pa.ipc.open_stream(b).read_all().to_pylist() if b else [] for b in result["metrics"]]
+
+    whole = mm.ShardMapMetrics(mm.MapMetricsConfig(attributions=str(maps_dir), read_rows=10_000))(batch)
+    streamed = mm.ShardMapMetrics(mm.MapMetricsConfig(attributions=str(maps_dir), read_rows=7))(batch)
+    assert list(whole["key"]) == list(streamed["key"]) == keys and set(streamed["shard_total"]) == {len(keys)}
+    assert rows_of(whole) == rows_of(streamed) and all(rows_of(streamed))
+
+    real, bad = mm.map_metric_rows, keys[0]
+
+    def failing(context, maps, metrics, border=16):
+        if bad in context.meta["key"]:
+            raise ValueError(f"broken map for {bad}")
+        return real(context, maps, metrics, border)
+
+    monkeypatch.setattr(mm, "map_metric_rows", failing)
+    result = mm.ShardMapMetrics(mm.MapMetricsConfig(attributions=str(maps_dir), read_rows=7))(batch)
+    errors = [pa.ipc.open_stream(b).read_all().to_pylist() if b else [] for b in result["errors"]]
+    assert list(result["key"]) == keys
+    assert errors[0] == [{"key": bad, "shard": shard, "stage": "evaluate", "method": None,
+                          "reason": f"broken map for {bad}"}]
+    assert rows_of(result)[0] == [] and rows_of(result)[1:] == rows_of(whole)[1:] and not any(errors[1:])
 
 
 def test_fmi_prototype_accuracy_from_label_targets(ray_session, photo_shards, tmp_path):

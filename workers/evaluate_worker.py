@@ -6,6 +6,7 @@ the same samples. So the job streams the shards exactly like jobs.attribute (rea
 actors), and each actor reads the maps of its batch's keys from the attribution run's committed Parquet files
 with a key filter (the files are sorted by key in small row groups, so the filter reads little). No shuffle,
 no join of 50,000 × methods × targets maps across the cluster, and resumable per shard like the attribution job.
+The map-only metrics come from workers.map_metrics (the same function serves jobs.evaluate's image-free path).
 """
 from __future__ import annotations
 
@@ -19,20 +20,17 @@ import pyarrow.parquet as pq
 import torch
 
 from attribution import models
-from attribution.metrics.discrimination import class_discrimination
-from attribution.metrics.localisation import border_intensity, box_area_share, box_mask, energy_pointing_game
 from attribution.metrics.perturbation import black_baseline, curve_auc, perturbation_curves, pixel_order
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
 from workers.attribution_worker import ipc_blob
 from workers.decode import DECODED_SCHEMA
+from workers.map_metrics import (ATTRIBUTION_COLUMNS, MAP_METRICS, RowContext, map_metric_rows,
+                                 sort_attribution_rows)
 from workers.sink import OutputStore, maps_of
 
-MAP_METRICS = ("ebpg", "ibd", "class_discrimination", "seconds")
 MODEL_METRICS = ("morf", "lerf", "insertion")
 METRICS = MAP_METRICS + MODEL_METRICS
 LERF_ABS_METHODS = ("gbp", "gig")  # TR-GBP App. D: signed gradient maps are ranked by |map| for LeRF
-_COLUMNS = ["key", "shard", "model", "weights", "method", "options", "target", "target_kind", "target_rank",
-            "label", "top5", "width", "height", "bboxes", "bboxes_input", "map", "map_scale", "seconds"]
 
 
 @dataclass
@@ -126,25 +124,15 @@ class EvaluateWorker:
         if not table.num_rows:
             return
         device = self.spec.device
-        meta = {name: table.column(name).to_pylist() for name in _COLUMNS if name != "map"}
+        meta = {name: table.column(name).to_pylist() for name in ATTRIBUTION_COLUMNS if name != "map"}
         maps = torch.from_numpy(maps_of(table)).to(device)
         sample_of = [position[(s, k)] for s, k in zip(meta["shard"], meta["key"])]
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).to(device)
         images = self.spec.preprocessing.normalise(pixels.float() / 255.0)
         image_of = [good.index(i) for i in sample_of]
-        context = _Context(meta, sample_of, [int(top5[0]) for top5 in meta["top5"]])
+        context = RowContext(meta, sample_of)
         wanted = set(self.config.metrics)
-        out: list[tuple[int, dict]] = []
-        if "ebpg" in wanted:
-            out += self._ebpg(context, maps)
-        if "ibd" in wanted:
-            primary = context.primary()
-            values = border_intensity(maps[primary], border=self.config.border).tolist()
-            out += [(r, context.row(r, "ibd", v)) for r, v in zip(primary, values)]
-        if "class_discrimination" in wanted:
-            out += self._class_discrimination(context, maps)
-        if "seconds" in wanted:
-            out += [(r, context.row(r, "seconds", float(meta["seconds"][r]))) for r in context.first_per_method()]
+        out = map_metric_rows(context, maps, self.config.metrics, self.config.border)
         if wanted & set(MODEL_METRICS):
             out += self._perturbation(context, maps, images, image_of, wanted)
         for r, row in out:
@@ -161,39 +149,16 @@ class EvaluateWorker:
             condition = pc.field("key").isin(keys)
             if self.config.methods:
                 condition = condition & pc.field("method").isin(self.config.methods)
-            tables.append(pq.read_table(files, filesystem=self.store.fs, columns=_COLUMNS, filters=condition))
+            tables.append(pq.read_table(files, filesystem=self.store.fs, columns=ATTRIBUTION_COLUMNS,
+                                        filters=condition))
         if not tables:
             return pa.table({name: pa.array([], pa.string()) for name in ("key", "shard")})
-        table = pa.concat_tables(tables)
-        return table.sort_by([("shard", "ascending"), ("key", "ascending"), ("method", "ascending"),
-                              ("target_rank", "ascending"), ("target", "ascending")])
+        return sort_attribution_rows(pa.concat_tables(tables))
 
     # ------------------------------------------------------------------------------------------------ metrics
-    def _ebpg(self, context: "_Context", maps: torch.Tensor) -> list[tuple[int, dict]]:
-        with_boxes = [r for r in context.primary() if context.meta["bboxes_input"][r]]
-        if not with_boxes:
-            return []
-        masks = torch.stack([box_mask(context.meta["bboxes_input"][r], self.size, self.size) for r in with_boxes])
-        values = energy_pointing_game(maps[with_boxes], masks.to(maps.device))
-        return [(r, context.row(r, "ebpg", float(v))) for r, v in zip(with_boxes, values.tolist())]
-
-    def _class_discrimination(self, context: "_Context", maps: torch.Tensor) -> list[tuple[int, dict]]:
-        groups: dict[int, list[list[int]]] = {}
-        for rows in context.groups().values():
-            ranked = [r for r in rows if context.meta["target_kind"][r] == "top5"]
-            if len(ranked) >= 2:
-                groups.setdefault(len(ranked), []).append(ranked)
-        out = []
-        for size, members in groups.items():
-            stacked = torch.stack([maps[rows] for rows in members])  # [G, T, S, S]
-            values = class_discrimination(stacked)
-            out += [(rows[0], context.row(rows[0], "class_discrimination", float(v)))
-                    for rows, v in zip(members, values.tolist())]
-        return out
-
-    def _perturbation(self, context: "_Context", maps: torch.Tensor, images: torch.Tensor, image_of: list[int],
+    def _perturbation(self, context: RowContext, maps: torch.Tensor, images: torch.Tensor, image_of: list[int],
                       wanted: set[str]) -> list[tuple[int, dict]]:
-        """MoRF/LeRF/insertion of the primary maps (see _Context.primary)."""
+        """MoRF/LeRF/insertion of the primary maps (see RowContext.primary)."""
         primary = context.primary()
         if not primary:
             return []
@@ -226,63 +191,12 @@ class EvaluateWorker:
         return out
 
     @staticmethod
-    def _curve_rows(context: "_Context", primary: list[int], metric: str, curves: torch.Tensor,
+    def _curve_rows(context: RowContext, primary: list[int], metric: str, curves: torch.Tensor,
                     fractions: list[float]) -> list[tuple[int, dict]]:
         areas = curve_auc(curves, fractions).tolist()
         values = curves.float().cpu().tolist()
         return [(r, context.row(r, metric, area, fractions, curve))
                 for r, area, curve in zip(primary, areas, values)]
-
-
-class _Context:
-    """The attribution rows' metadata of one batch, and how to turn one of them into a metric row."""
-
-    def __init__(self, meta: dict[str, list], sample_of: list[int], top1: list[int]) -> None:
-        self.meta, self.sample_of, self.top1 = meta, sample_of, top1
-        self._box = {}
-        for r in range(len(sample_of)):
-            if sample_of[r] not in self._box:
-                self._box[sample_of[r]] = _box_share(meta["bboxes"][r], meta["width"][r], meta["height"][r])
-
-    def groups(self) -> dict[tuple[int, str, str], list[int]]:
-        """(sample, method, options) -> its rows, in target-rank order."""
-        groups: dict[tuple[int, str, str], list[int]] = {}
-        for r, i in enumerate(self.sample_of):
-            groups.setdefault((i, self.meta["method"][r], self.meta["options"][r]), []).append(r)
-        return groups
-
-    def primary(self) -> list[int]:
-        """The rows whose map the per-image metrics (EBPG, IBD, MoRF/LeRF, insertion) score: every row of label/top1
-        runs, the top-1 row of top5 runs (the papers score one map per image: the class the image is explained
-        for; the other four maps of a top5 run serve class discrimination)."""
-        return [r for r in range(len(self.sample_of))
-                if self.meta["target_kind"][r] != "top5" or self.meta["target_rank"][r] == 0]
-
-    def first_per_method(self) -> list[int]:
-        """One row per (sample, method, options): the first (lowest target rank)."""
-        return [rows[0] for rows in self.groups().values()]
-
-    def row(self, r: int, metric: str, value: float, steps: list[float] | None = None,
-            curve: list[float] | None = None) -> dict:
-        meta = self.meta
-        label = int(meta["label"][r])
-        n_boxes, share = self._box[self.sample_of[r]]
-        return {
-            "key": meta["key"][r], "shard": meta["shard"][r], "model": meta["model"][r],
-            "weights": meta["weights"][r], "method": meta["method"][r], "options": meta["options"][r],
-            "target": int(meta["target"][r]), "target_kind": meta["target_kind"][r],
-            "target_rank": int(meta["target_rank"][r]), "label": label, "top1": int(self.top1[r]),
-            "correct": (self.top1[r] == label) if label >= 0 else None,
-            "n_boxes": n_boxes, "box_share": share, "metric": metric,
-            "value": value if np.isfinite(value) else None, "steps": steps, "curve": curve,
-        }
-
-
-def _box_share(boxes: list[list[float]], width: int, height: int) -> tuple[int, float | None]:
-    """(number of boxes, area share of their union in the original image)."""
-    if not boxes or width <= 0 or height <= 0:
-        return len(boxes or []), None
-    return len(boxes), float(box_area_share(boxes, width, height))
 
 
 def _error(batch: dict[str, Any], i: int, stage: str, reason: str) -> dict:
