@@ -91,8 +91,8 @@ def _readme(d: dict) -> str:
         f"{d['mask_format']}), the distractor boxes and `shortcut`.",
         "",
         f"Border band: {d['border_px']} px (TR-GBP's 16 px at 224, scaled); the object never enters it. "
-        f"Shortcut mark: a {d['mark_px']} px square with a dark outline, filled with the colour of the class it "
-        "points to, inside the band; `shortcut` = null or {label, wnid, class_name, correct, side, box}. "
+        f"Shortcut mark: a {d['mark_px'][0]} x {d['mark_px'][1]} px strip along a side with a dark outline, filled "
+        "with the colour of the class it points to, inside the band; `shortcut` = null or {label, wnid, class_name, correct, side, box}. "
         f"Share of marked images: {cfg['shortcut']}; in `val`, {cfg['shortcut_wrong']} of the marked images point "
         "to a wrong class.",
         "",

@@ -72,7 +72,7 @@ def test_rle_is_coco_uncompressed_column_major():
 
 def test_shortcut_marks_are_where_the_json_says():
     config = bm.BenchmarkConfig(size=112, num_classes=8, shortcut=0.6, shortcut_wrong=0.5, seed=1)
-    band, side_px = _band(112), bm.mark_side(112)
+    band, (thick, length) = _band(112), bm.mark_size(112)
     val = bm.split_plan(config, "val", 50)
     marked = [p for p in val if p.mark is not None]
     wrong = [p for p in marked if p.mark != p.label]
@@ -91,7 +91,7 @@ def test_shortcut_marks_are_where_the_json_says():
         no_mark = bm.render_sample(config, "val", index, plan.label, plan.mark, draw_mark=False)
         painted = (sample.image != no_mark.image).any(axis=2)
         region = _box_region(shortcut["box"], 112)
-        assert region.sum() == side_px ** 2 and not (region & ~band).any()   # the mark lies in the band
+        assert region.sum() == thick * length and not (region & ~band).any()   # the mark lies in the band
         assert not (painted & ~region).any() and painted[region].mean() > 0.9
         x0, y0, x1, y1 = shortcut["box"]
         fill = sample.image[y0 + 1:y1 - 1, x0 + 1:x1 - 1].reshape(-1, 3).astype(float).mean(axis=0)
