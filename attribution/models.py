@@ -72,15 +72,31 @@ def preprocessing_for(name: str, weights: str | os.PathLike | None = None) -> Pr
     and EfficientNet-Lite0; for a benchmark model (``name`` ``bench_*`` with a checkpoint ``weights``, or
     ``name`` a benchmark checkpoint path) the checkpoint's (resize = crop = its input size, its mean/std),
     :func:`benchmark_preprocessing` of the default size without a checkpoint."""
+    name, info = _zoo_entry(name, weights)
+    return _bench_preprocessing_of(info) if name in BENCH_MODELS else Preprocessing()
+
+
+def class_names_for(name: str, weights: str | os.PathLike | None = None) -> list[str] | None:
+    """The class names of a zoo model, without building it: ImageNet's 1000 (torchvision order) for the
+    torchvision models and EfficientNet-Lite0; a benchmark checkpoint's own names; None for a benchmark model
+    without a checkpoint (random weights, classes unnamed). Same ``name``/``weights`` as :func:`preprocessing_for`."""
+    name, info = _zoo_entry(name, weights)
+    if name in BENCH_MODELS:
+        names = info.get("class_names")
+        return [str(n) for n in names] if names else None
+    return imagenet_class_names()
+
+
+def _zoo_entry(name: str, weights: str | os.PathLike | None) -> tuple[str, dict]:
+    """(architecture name, benchmark checkpoint entries or {}) of a zoo model named by name or checkpoint path."""
     if name not in MODEL_NAMES and Path(name).is_file():
         name, weights = _bench_arch_of(Path(name)), name
     if name not in MODEL_NAMES:
         raise AttributionError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    if name in BENCH_MODELS:
-        checkpoint = _checkpoint_path(weights)
-        info = _bench_info(_read_raw(checkpoint), checkpoint, name) if checkpoint else {}
-        return _bench_preprocessing_of(info)
-    return Preprocessing()
+    if name not in BENCH_MODELS:
+        return name, {}
+    checkpoint = _checkpoint_path(weights)
+    return name, (_bench_info(_read_raw(checkpoint), checkpoint, name) if checkpoint else {})
 
 
 def benchmark_preprocessing(size: int, mean: Sequence[float] = IMAGENET_MEAN,

@@ -118,7 +118,8 @@ def run(config: ClaimsConfig, say: Callable[..., None] = print) -> list[Claim]:
                                         say=say)
         runs["metrics_lite0"] = _evaluate(out / "metrics_lite0", runs["maps_lite0"], say,
                                           metrics=["class_discrimination", "seconds"])
-        runs["sanity_lite0"] = _sanity(out / "sanity_lite0", [photos], LITE0, "imagenet", 2, say)
+        runs["sanity_lite0"] = _sanity(out / "sanity_lite0", [photos], LITE0, "imagenet", config.sanity_images,
+                                      say)
 
     claims = evaluate_claims(runs, config)
     _write_claims(out, claims)

@@ -78,6 +78,9 @@ def test_checkpoint_loads_back_bit_exactly(tmp_path, arch):
     assert models.preprocessing_for(str(path)) == models.Preprocessing(80, 80, mean, std)
     assert models.preprocessing_for(arch, str(path)).input_size == 80
     assert models.preprocessing_for(arch) == models.benchmark_preprocessing(models.BENCH_DEFAULT_SIZE)
+    assert models.class_names_for(str(path)) == CLASSES == models.class_names_for(arch, str(path))
+    assert models.class_names_for(arch) is None                          # random weights: classes unnamed
+    assert models.class_names_for("resnet18")[:2] == ["tench", "goldfish"]
     other = "bench_vgg" if arch == "bench_resnet" else "bench_resnet"
     with pytest.raises(AttributionError, match=f"holds a {arch}, not a {other}"):
         models.load(other, weights=path)

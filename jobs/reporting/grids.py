@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from attribution.errors import AttributionError
 from attribution.images import SampleError, decode_sample
-from attribution.models import imagenet_class_names, preprocessing_for
+from attribution.models import class_names_for, preprocessing_for
 from attribution.preprocessing import Preprocessing
 from jobs import figures
 from jobs.reporting.runs import Run
@@ -36,6 +36,14 @@ def _preprocessing(model: str, weights: str | None = None) -> Preprocessing:
         return preprocessing_for(model, weights)
     except AttributionError:
         return Preprocessing()
+
+
+def _class_names(model: str, weights: str | None = None) -> list[str]:
+    """The model's class names ([] when it has none or cannot be read: rows then show the class index)."""
+    try:
+        return class_names_for(model, weights) or []
+    except AttributionError:
+        return []
 
 
 def _photos(keys: list[tuple[str, str]], shard_uris: dict[str, str], model: str,
@@ -104,7 +112,7 @@ def attribution_grid(run: Run, out: Path, *, n_images: int, shard_uris: dict[str
             continue
         cells[row_of[at]][column_of[column]] = maps[i]
         first.setdefault(at, r._asdict())
-    names = imagenet_class_names()
+    names = _class_names(run.models[0] if run.models else "", run.manifest.get("config", {}).get("weights"))
     row_labels = []
     for at in keys:
         r = first[at]
