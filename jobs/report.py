@@ -18,7 +18,7 @@ too when it is reachable. Output::
     OUT/tables/sanity.csv|.md         mean similarity per randomisation step (sanity runs)
     OUT/figures/*.png                 curve plots, heatmap grids, the sanity runs' figures
 
-Aggregation follows the papers (jobs.reporting.tables; the protocols are attribution.metrics.protocols).
+Aggregation follows the papers (jobs.reporting.aggregates; the protocols are attribution.metrics.protocols).
 Prints the path of index.html last.
 """
 from __future__ import annotations
@@ -39,16 +39,12 @@ from jobs.common import JobError, expand_shards, fail
 from jobs.reporting import grids, page
 from jobs.reporting.runs import Run, load_runs
 from jobs.reporting.screenshot import find_chromium, screenshot
+from jobs.reporting.aggregates import CURVE_METRICS, GROUP, Protocol, aggregate, mean_curves
 from jobs.reporting.tables import (
     COLUMN_BY_METRIC,
-    CURVE_METRICS,
-    GROUP,
-    Protocol,
     Table,
-    aggregate,
     long_table,
     main_tables,
-    mean_curves,
     method_labels,
     method_order,
     metric_tables,

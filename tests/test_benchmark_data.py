@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attribution.data import benchmark as bm
+from attribution.data import shapes
 from attribution.images import decode_sample
 from attribution.metrics.localisation import box_mask, energy_pointing_game
 from attribution.models import benchmark_preprocessing
@@ -49,8 +50,8 @@ def test_object_pixels_are_exactly_the_mask_and_the_box(size):
         assert not (painted & ~mask).any(), f"sample {index}: object pixels outside the mask"
         assert painted[mask].mean() >= 0.99, f"sample {index}: mask pixels the object did not paint"
         assert not (mask & ~_box_region(box, size)).any()
-        assert bm.tight_box(mask) == box                      # the stored box is the mask's tight box
-        assert np.array_equal(bm.rle_to_mask(with_object.meta["mask"]), mask)
+        assert shapes.tight_box(mask) == box                      # the stored box is the mask's tight box
+        assert np.array_equal(shapes.rle_to_mask(with_object.meta["mask"]), mask)
         assert not (mask & band).any()                        # the object never enters the border band
         for d_box in with_object.meta["distractors"]:         # distractors keep off the object's box
             assert not (_box_region(d_box, size) & _box_region(box, size)).any()
@@ -59,15 +60,15 @@ def test_object_pixels_are_exactly_the_mask_and_the_box(size):
 
 def test_rle_is_coco_uncompressed_column_major():
     mask = np.array([[1, 0, 0], [1, 1, 0]], dtype=bool)  # column-major: 1 1 | 0 1 | 0 0
-    assert bm.mask_to_rle(mask) == {"size": [2, 3], "counts": [0, 2, 1, 1, 2]}
-    assert bm.mask_to_rle(~mask) == {"size": [2, 3], "counts": [2, 1, 1, 2]}
-    assert bm.mask_to_rle(np.zeros((2, 2), bool))["counts"] == [4]
+    assert shapes.mask_to_rle(mask) == {"size": [2, 3], "counts": [0, 2, 1, 1, 2]}
+    assert shapes.mask_to_rle(~mask) == {"size": [2, 3], "counts": [2, 1, 1, 2]}
+    assert shapes.mask_to_rle(np.zeros((2, 2), bool))["counts"] == [4]
     rng = np.random.default_rng(0)
     for _ in range(5):
         m = rng.random((7, 5)) < 0.4
-        assert np.array_equal(bm.rle_to_mask(bm.mask_to_rle(m)), m)
+        assert np.array_equal(shapes.rle_to_mask(shapes.mask_to_rle(m)), m)
     with pytest.raises(ValueError, match="counts sum to 5"):
-        bm.rle_to_mask({"size": [2, 3], "counts": [2, 3]})
+        shapes.rle_to_mask({"size": [2, 3], "counts": [2, 3]})
 
 
 def test_shortcut_marks_are_where_the_json_says():

@@ -21,7 +21,7 @@ from attribution.metrics.protocols import ebpg_protocol
 from jobs import figures, report
 from jobs.reporting import grids
 from jobs.reporting.screenshot import find_chromium, screenshot
-from jobs.reporting.tables import Protocol
+from jobs.reporting.aggregates import Protocol
 from schemas.metrics import (
     DATASET_METRIC_SCHEMA,
     METRIC_SCHEMA,

@@ -1,7 +1,7 @@
 """Heatmap grids (paper Fig. 4 style) from an attribution run: a few images × the run's methods, photo first.
 
 Which maps: the primary map of each (image, method) — the label map of a ``label`` run, the top-1 map otherwise
-(jobs.reporting.tables.primary_rows). Which images: the first ``n`` images, in (shard, key) order, that have a
+(jobs.reporting.aggregates.primary_rows). Which images: the first ``n`` images, in (shard, key) order, that have a
 map for every method (so a grid needs one shard read in the usual case). Photos are decoded from the input
 shards exactly as the attribution job did (workers.shards.read_shard + attribution.images.decode_sample + the
 model's preprocessing), so they line up with the maps pixel for pixel. When a shard cannot be read the grid is
@@ -22,7 +22,8 @@ from attribution.models import class_names_for, preprocessing_for
 from attribution.preprocessing import Preprocessing
 from jobs import figures
 from jobs.reporting.runs import Run
-from jobs.reporting.tables import GROUP, method_labels, method_order, primary_rows, slug
+from jobs.reporting.aggregates import GROUP, primary_rows
+from jobs.reporting.tables import method_labels, method_order, slug
 from workers.shards import read_shard
 from workers.sink import OutputStore, maps_of
 

@@ -1,50 +1,22 @@
-"""Per-image metric rows -> the papers' aggregates, tables (CSV + Markdown) and mean curves.
-
-Which rows count: one map per (image, model, method, options), the *primary* one — every row of a ``label`` or
-``top1`` run, the top-1 row (``target_rank == 0``) of a ``top5`` run. That is the map the perturbation metrics
-were computed on (jobs.evaluate), so every column of a table describes the same maps; the other four class maps
-of a top5 run only enter through class discrimination.
-
-Aggregates (``attribution.metrics.protocols`` for the two dataset-level protocols):
-
-=========================  ========================================================================================
-``ebpg``                   ebpg_protocol on the primary EBPG rows with ``n_boxes == 1 and box_share < 0.5``
-                           (TR-GBP App. C), in (shard, key) order so the random subsets do not depend on how
-                           the files were read: mean ± std of ``repeats`` means of ``sample`` random images
-``ibd_auc``                ibd_auc_protocol(IBD, wrong = ~correct) on the primary IBD rows with a known label
-                           (TR-GBP §5.4): drop the lower half by IBD, ROC-AUC for "prediction wrong"
-``morf`` ``lerf``          mean ± std (population, ddof = 0) of the per-image curve AUCs
-``insertion_accuracy``     idem (A-FMI App. A.3)
-``insertion_softmax``      idem
-``class_discrimination``   mean ± std of the per-image values
-``seconds``                mean ± std of the per-image times (evaluate's ``seconds`` rows; for a method that has none,
-                           the attribution run's ``seconds`` column, one value per image)
-``fmi_prototype_accuracy`` as jobs.evaluate computed it (dataset_metrics.parquet)
-=========================  ========================================================================================
-
-Null/NaN values (e.g. an all-zero map) are left out of every mean; ``n`` says how many images each aggregate used.
-CSV files hold fractions and seconds; the Markdown/HTML tables show EBPG, IBD-AUC and FMI accuracy in percent, as
-the papers do.
+"""The report's tables: the papers' layouts (methods × metrics per model, models × methods per metric), the long
+table of every aggregate, the sanity table and the runs table — each as Markdown/HTML text and as a CSV frame.
+The numbers come from :mod:`jobs.reporting.aggregates`. CSV files hold fractions and seconds; the Markdown/HTML
+tables show EBPG, IBD-AUC and FMI accuracy in percent, as the papers do.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from attribution.metrics.protocols import ebpg_protocol, ibd_auc_protocol
 from jobs.figures import method_title
+from jobs.reporting.aggregates import GROUP, group_frame, group_key
 
-CURVE_METRICS = ("morf", "lerf", "insertion_accuracy", "insertion_softmax")
-MEAN_METRICS = CURVE_METRICS + ("class_discrimination", "seconds")
-GROUP = ["model", "weights", "method", "options"]
-# Methods in the papers' column order (baselines first, the two papers' methods last); others in between.
 METHOD_ORDER = ("saliency", "gbp", "smoothgrad", "vargrad", "ig", "gig", "deeplift", "lrp", "fullgrad", "gradcam",
                 "cameras", "xrai", "extremal_perturbation", "rise", "tr_gbp", "a_fmi")
 MISSING = "—"
@@ -113,17 +85,6 @@ COLUMNS = (
 COLUMN_BY_METRIC = {c.metric: c for c in COLUMNS}
 
 
-@dataclass(frozen=True)
-class Protocol:
-    """Sizes of the papers' protocols: EBPG ``ebpg_sample`` images × ``ebpg_repeats`` repeats drawn with
-    ``seed``; IBD-AUC on the ``ibd_keep`` share of images with the largest IBD."""
-
-    ebpg_sample: int = 500
-    ebpg_repeats: int = 5
-    seed: int = 0
-    ibd_keep: float = 0.5
-
-
 @dataclass
 class Table:
     """A table as shown (``headers``/``rows`` of text) and as written to CSV (``frame``, numbers)."""
@@ -146,108 +107,6 @@ class Table:
 
 def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-
-
-def primary_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the primary maps (see the module docstring): target_kind != 'top5' or target_rank == 0."""
-    if frame.empty:
-        return frame
-    return frame[(frame["target_kind"] != "top5") | (frame["target_rank"] == 0)]
-
-
-def _group_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    out = frame.copy()
-    out["weights"] = out["weights"].astype(object).where(out["weights"].notna(), None)
-    return out
-
-
-def _key(row) -> tuple:
-    return tuple(None if (isinstance(v, float) and math.isnan(v)) else v for v in row)
-
-
-def _values(frame: pd.DataFrame) -> np.ndarray:
-    return frame["value"].to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-def aggregate(metrics: pd.DataFrame, dataset: pd.DataFrame | None = None,
-              attribution_seconds: pd.DataFrame | None = None, protocol: Protocol = Protocol()) -> pd.DataFrame:
-    """The long table of aggregates: one row per (model, weights, method, options, metric) with ``mean``, ``std``
-    (NaN where not defined), ``n`` (images used) and ``images`` (distinct images of that method in the run).
-
-    ``metrics``: rows of schemas.metrics.METRIC_SCHEMA (pandas); ``dataset``: rows of DATASET_METRIC_SCHEMA;
-    ``attribution_seconds``: attribution rows (at least key, shard, model, weights, method, options,
-    target_kind, target_rank, seconds) whose time is used for methods without evaluate ``seconds`` rows.
-    Metric names: ebpg, ibd_auc, morf, lerf, insertion_accuracy, insertion_softmax, class_discrimination,
-    fmi_prototype_accuracy, seconds.
-    """
-    out: list[dict] = []
-    primary = _group_frame(primary_rows(metrics)) if len(metrics) else pd.DataFrame(columns=GROUP)
-    images: dict[tuple, int] = {}
-    for key, group in primary.groupby(GROUP, dropna=False, sort=False):
-        key = _key(key)
-        images[key] = int(group[["shard", "key"]].drop_duplicates().shape[0])
-        by_metric = dict(tuple(group.groupby("metric", sort=False)))
-        ebpg = by_metric.get("ebpg")
-        if ebpg is not None:
-            eligible = ebpg[(ebpg["n_boxes"] == 1) & (ebpg["box_share"].astype(float) < 0.5)] \
-                .sort_values(["shard", "key"], kind="stable")
-            values = _values(eligible)
-            values = values[np.isfinite(values)]
-            if values.size:
-                mean, std = ebpg_protocol(values, sample=protocol.ebpg_sample, repeats=protocol.ebpg_repeats,
-                                          seed=protocol.seed)
-                out.append(_agg(key, "ebpg", mean, std, values.size, images[key],
-                                f"{min(protocol.ebpg_sample, values.size)} of {values.size} eligible images x "
-                                f"{protocol.ebpg_repeats} repeats, seed {protocol.seed}"))
-        ibd = by_metric.get("ibd")
-        if ibd is not None:
-            known = ibd[ibd["correct"].notna()]
-            values = _values(known)
-            finite = np.isfinite(values)
-            if finite.any():
-                wrong = ~known["correct"].astype(bool).to_numpy()
-                auc = ibd_auc_protocol(values[finite], wrong[finite], keep=protocol.ibd_keep)
-                out.append(_agg(key, "ibd_auc", auc, math.nan, int(finite.sum()), images[key],
-                                f"largest {protocol.ibd_keep:.0%} by IBD of {int(finite.sum())} images with a "
-                                f"known label ({int(wrong[finite].sum())} wrong)"))
-        for metric in MEAN_METRICS:
-            rows = by_metric.get(metric)
-            if rows is None:
-                continue
-            values = _values(rows)
-            values = values[np.isfinite(values)]
-            if values.size:
-                out.append(_agg(key, metric, float(values.mean()), float(values.std()), values.size, images[key],
-                                "mean ± std over images"))
-    have_seconds = {_key((o["model"], o["weights"], o["method"], o["options"])) for o in out
-                    if o["metric"] == "seconds"}
-    if attribution_seconds is not None and len(attribution_seconds):
-        timed = _group_frame(primary_rows(attribution_seconds)).drop_duplicates(["shard", "key"] + GROUP)
-        for key, group in timed.groupby(GROUP, dropna=False, sort=False):
-            key = _key(key)
-            if key in have_seconds:
-                continue
-            values = group["seconds"].to_numpy(dtype=np.float64)
-            values = values[np.isfinite(values)]
-            images.setdefault(key, len(group))
-            if values.size:
-                out.append(_agg(key, "seconds", float(values.mean()), float(values.std()), values.size,
-                                images[key], "mean ± std over images (attribution run)"))
-                have_seconds.add(key)
-    if dataset is not None and len(dataset):
-        for row in _group_frame(dataset).itertuples(index=False):
-            key = _key((row.model, row.weights, row.method, row.options))
-            value = float(row.value) if row.value is not None else math.nan
-            out.append(_agg(key, str(row.metric), value, math.nan, int(row.n), images.get(key, int(row.n)),
-                            str(row.detail)))
-    columns = GROUP + ["metric", "mean", "std", "n", "images", "protocol"]
-    return pd.DataFrame(out, columns=columns)
-
-
-def _agg(key: tuple, metric: str, mean: float, std: float, n: int, images: int, protocol: str) -> dict:
-    model, weights, method, options = key
-    return {"model": model, "weights": weights, "method": method, "options": options, "metric": metric,
-            "mean": float(mean), "std": float(std), "n": int(n), "images": int(images), "protocol": protocol}
 
 
 def table_label(model: str, weights: str | None, all_weights: Sequence[str | None]) -> str:
@@ -274,7 +133,7 @@ def method_labels(frame: pd.DataFrame) -> dict[tuple, str]:
     """(model, weights, method, options) -> the label shown for it: the method's title, plus its options when the
     same model has several option sets of that method."""
     labels = {}
-    keys = {_key(k) for k in frame[GROUP].itertuples(index=False, name=None)}
+    keys = {group_key(k) for k in frame[GROUP].itertuples(index=False, name=None)}
     for key in keys:
         model, weights, method, options = key
         siblings = {k[3] for k in keys if k[:3] == (model, weights, method)}
@@ -296,7 +155,7 @@ def _compact(options: str | None) -> str:
 
 
 def _ordered_keys(frame: pd.DataFrame) -> list[tuple]:
-    keys = {_key(k) for k in frame[GROUP].itertuples(index=False, name=None)}
+    keys = {group_key(k) for k in frame[GROUP].itertuples(index=False, name=None)}
     return sorted(keys, key=lambda k: (k[0], str(k[1]), method_order(k[2]), str(k[3])))
 
 
@@ -306,7 +165,7 @@ def main_tables(aggregates: pd.DataFrame) -> list[Table]:
     if aggregates.empty:
         return []
     labels = method_labels(aggregates)
-    frame = _group_frame(aggregates)
+    frame = group_frame(aggregates)
     weights_of = frame.groupby("model")["weights"].agg(lambda s: list(s))
     tables = []
     for (model, weights), group in frame.groupby(["model", "weights"], dropna=False, sort=True):
@@ -316,8 +175,8 @@ def main_tables(aggregates: pd.DataFrame) -> list[Table]:
         index, images = {}, {}
         for k, m, mean, std, n, count in zip(group[GROUP].itertuples(index=False, name=None), group["metric"],
                                              group["mean"], group["std"], group["n"], group["images"]):
-            index[(_key(k), m)] = (mean, std, n)
-            images[_key(k)] = max(images.get(_key(k), 0), int(count))
+            index[(group_key(k), m)] = (mean, std, n)
+            images[group_key(k)] = max(images.get(group_key(k), 0), int(count))
         headers = ["Method", "Images"] + [f"{c.header} {c.arrow}" for c in present]
         rows, records = [], []
         for key in _ordered_keys(group):
@@ -346,7 +205,7 @@ def metric_tables(aggregates: pd.DataFrame) -> list[Table]:
     A-FMI Table 1). Only metrics with at least one value."""
     if aggregates.empty:
         return []
-    frame = _group_frame(aggregates)
+    frame = group_frame(aggregates)
     labels = method_labels(frame)
     weights_of = frame.groupby("model")["weights"].agg(lambda s: list(s))
     tables = []
@@ -362,7 +221,7 @@ def metric_tables(aggregates: pd.DataFrame) -> list[Table]:
         values: dict[tuple[str, str], tuple[float, float]] = {}
         models: list[str] = []
         for k, mean, std in zip(rows_of[GROUP].itertuples(index=False, name=None), rows_of["mean"], rows_of["std"]):
-            k = _key(k)
+            k = group_key(k)
             model_label = table_label(k[0], k[1], weights_of[k[0]])
             if model_label not in models:
                 models.append(model_label)
@@ -389,7 +248,7 @@ def metric_tables(aggregates: pd.DataFrame) -> list[Table]:
 
 def long_table(aggregates: pd.DataFrame) -> Table:
     """Every aggregate, one row each (the CSV every other table is cut from)."""
-    frame = _group_frame(aggregates)
+    frame = group_frame(aggregates)
     order = sorted(range(len(frame)), key=lambda i: (str(frame["model"].iat[i]), str(frame["weights"].iat[i]),
                                                      method_order(frame["method"].iat[i]),
                                                      str(frame["options"].iat[i]), str(frame["metric"].iat[i])))
@@ -404,40 +263,13 @@ def _number(value: float) -> str:
     return MISSING if value is None or not math.isfinite(value) else f"{value:.6g}"
 
 
-def mean_curves(metrics: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Mean curve per (model, weights, method, options, metric) for the curve metrics, from the primary rows:
-    long frame with ``step`` (fraction of pixels), ``value`` (mean over images of the curve at that step,
-    NaNs left out) and ``n`` (curves averaged). All rows of one metric share ``steps``; where runs with
-    different steps are combined, the most common steps are kept and a note says how many curves were left out.
-    Returns (frame, notes)."""
-    columns = GROUP + ["metric", "step", "value", "n"]
-    if metrics.empty:
-        return pd.DataFrame(columns=columns), []
-    rows = _group_frame(primary_rows(metrics))
-    rows = rows[rows["metric"].isin(CURVE_METRICS) & rows["curve"].notna() & rows["steps"].notna()]
-    out, notes = [], []
-    for key, group in rows.groupby(GROUP + ["metric"], dropna=False, sort=False):
-        key = _key(key)
-        steps = [tuple(np.asarray(s, dtype=np.float64).round(6)) for s in group["steps"]]
-        common, count = Counter(steps).most_common(1)[0]
-        if count < len(steps):
-            notes.append(f"{key[0]} {key[2]} {key[4]}: {len(steps) - count} curves with other steps left out of "
-                         "the mean curve")
-        curves = np.stack([np.asarray(c, dtype=np.float64) for c, s in zip(group["curve"], steps) if s == common])
-        with np.errstate(invalid="ignore"):
-            mean = np.nanmean(np.where(np.isfinite(curves), curves, np.nan), axis=0)
-        for step, value in zip(common, mean):
-            out.append(dict(zip(GROUP + ["metric"], key), step=float(step), value=float(value), n=len(curves)))
-    return pd.DataFrame(out, columns=columns), notes
-
-
 def sanity_table(rows: pd.DataFrame) -> Table:
     """Cascading randomisation (TR-GBP §5.2.2): per (model, method, step) the mean ± std over images of the
     similarity to the original map (Spearman of map and of |map|, SSIM). Lower = the map reacts to the weights."""
-    frame = _group_frame(rows)
+    frame = group_frame(rows)
     records = []
     for key, group in frame.groupby(GROUP + ["step"], dropna=False, sort=False):
-        key = _key(key)
+        key = group_key(key)
         record = dict(zip(GROUP + ["step"], key))
         record["randomised"] = str(group["randomised"].iloc[0])
         record["images"] = int(group[["shard", "key"]].drop_duplicates().shape[0])
@@ -461,7 +293,7 @@ def sanity_table(rows: pd.DataFrame) -> Table:
 
     headers = ["Model", "Method", "Step", "Randomised (cumulative from the top)", "Images", "Spearman ↓",
                "Spearman |map| ↓", "SSIM ↓"]
-    rows_text = [[r.model, labels[_key((r.model, r.weights, r.method, r.options))], str(int(r.step)),
+    rows_text = [[r.model, labels[group_key((r.model, r.weights, r.method, r.options))], str(int(r.step)),
                   r.randomised or "(original model)", str(r.images), cell(r.spearman, r.spearman_std),
                   cell(r.spearman_abs, r.spearman_abs_std), cell(r.ssim, r.ssim_std)]
                  for r in out.itertuples(index=False)]
@@ -479,6 +311,5 @@ def run_table(rows: Sequence[dict]) -> Table:
     return Table("runs", "Runs this report was built from", headers, text, frame)
 
 
-__all__ = ["COLUMNS", "COLUMN_BY_METRIC", "CURVE_METRICS", "Column", "Protocol", "Table", "aggregate",
-           "long_table", "main_tables", "mean_curves", "method_labels", "method_order", "metric_tables",
-           "primary_rows", "run_table", "sanity_table", "slug", "table_label"]
+__all__ = ["COLUMNS", "COLUMN_BY_METRIC", "Column", "Table", "long_table", "main_tables", "method_labels",
+           "method_order", "metric_tables", "run_table", "sanity_table", "slug", "table_label"]
