@@ -26,6 +26,9 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+NON_TTY_PROGRESS_INTERVAL_S = 60
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster (``address``, or RAY_ADDRESS as set by ``ray job submit``), else start an embedded
     local Ray with this machine's CPUs, no dashboard and a modest object store."""
@@ -37,9 +40,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             object_store_memory=512 * 1024 ** 2, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 object_store_memory=512 * 1024 ** 2, log_to_driver=False)
+    if not sys.stdout.isatty():
+        log_progress_briefly()
+
+
+def log_progress_briefly(interval_s: int = NON_TTY_PROGRESS_INTERVAL_S) -> None:
+    """Where stdout is no terminal (CI, a log file, ``ray job submit``'s log), Ray Data logs every operator's
+    progress every 10 s, which buries the jobs' own lines (one per committed shard); keep only its total-progress
+    line, every ``interval_s`` seconds. ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` set by the user wins."""
+    import ray.data
+
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(int(interval_s)))
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
 
 
 def actor_resources(gpus_per_worker: float | None, workers: int | None, cpus_per_worker: float | None,

@@ -22,7 +22,7 @@ from attribution import models
 from attribution.images import decode_sample
 from attribution.methods import attribute
 from jobs.attribute import AttributeConfig, run
-from jobs.common import JobError
+from jobs.common import NON_TTY_PROGRESS_INTERVAL_S, JobError, log_progress_briefly
 from attribution.data.sample_sets import photo_samples
 from attribution.data.shards import write_shards
 from schemas.attributions import validate_attributions
@@ -302,3 +302,21 @@ def test_uri_paths_and_optional_columns(ray_session, tmp_path):
     stem = next(layer for layer in layer_rows[0]["layers"] if layer["name"] == "_conv_stem+_bn0")
     assert (stem["height"], stem["width"]) == (224, 224) and len(stem["values"]) == 224 * 224
     assert [r["target"] for r in fmi_rows] == [r["label"] for r in fmi_rows]
+
+
+def test_progress_is_logged_briefly_without_a_terminal(monkeypatch):
+    """Without a terminal Ray Data would log every operator every 10 s: only its total line stays, once a minute,
+    and an interval the user set is kept."""
+    import ray.data
+
+    variable = "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "enable_operator_progress_bars", True)
+    monkeypatch.delenv(variable, raising=False)
+    log_progress_briefly()
+    assert os.environ[variable] == str(NON_TTY_PROGRESS_INTERVAL_S) == "60"
+    assert context.enable_operator_progress_bars is False
+    monkeypatch.setenv(variable, "5")
+    log_progress_briefly()
+    assert os.environ[variable] == "5"
+
