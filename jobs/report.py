@@ -18,6 +18,7 @@ too when it is reachable. Output::
     OUT/tables/sanity.csv|.md         mean similarity per randomisation step (sanity runs)
     OUT/figures/*.png                 curve plots, heatmap grids, the sanity runs' figures
 
+A rebuild into the same OUT replaces what an earlier report wrote in OUT/tables and OUT/figures.
 Aggregation follows the papers (jobs.reporting.aggregates; the protocols are attribution.metrics.protocols).
 Prints the path of index.html last.
 """
@@ -56,6 +57,7 @@ from jobs.reporting.tables import (
 from workers.shards import resolve_filesystem, shard_name
 
 SCREENSHOT_WIDTH, MAX_SCREENSHOT_HEIGHT = 1400, 20000
+REPORT_FILE_SUFFIXES = (".csv", ".md", ".png")
 DEDUP = ["key", "shard", "model", "weights", "method", "options", "target", "metric"]
 CURVE_AXES = {
     "morf": ("MoRF: target probability as the most relevant pixels are removed (AUC ↓)", "pixels removed (%)",
@@ -95,8 +97,8 @@ def build(config: ReportConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise JobError(f"--out {out} exists and is not a directory")
     runs, notes = load_runs(config.runs)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for part in ("tables", "figures"):
+        _empty_dir(out / part)
     for note in notes:
         say(f"note: {note}")
     evaluate = [r for r in runs if r.kind == "evaluate"]
@@ -219,6 +221,15 @@ def build(config: ReportConfig) -> Path:
             say(f"Screenshot: {shot.path}")
     say(f"Report: {index}")
     return index
+
+
+def _empty_dir(path: Path) -> None:
+    """Create ``path``, or remove the tables and figures an earlier report left in it (a rebuild with other runs
+    would otherwise keep stale files beside the new ones). Only the report's own kinds of file go."""
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.iterdir():
+        if old.is_file() and old.suffix in REPORT_FILE_SUFFIXES:
+            old.unlink()
 
 
 def _page_height(sections: Sequence[page.Section]) -> int:

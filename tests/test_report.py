@@ -20,8 +20,9 @@ from PIL import Image
 from attribution.metrics.protocols import ebpg_protocol
 from jobs import figures, report
 from jobs.reporting import grids
-from jobs.reporting.screenshot import find_chromium, screenshot
 from jobs.reporting.aggregates import Protocol
+from jobs.reporting.screenshot import find_chromium, screenshot
+from jobs.reporting.tables import table_label
 from schemas.metrics import (
     DATASET_METRIC_SCHEMA,
     METRIC_SCHEMA,
@@ -177,6 +178,26 @@ def test_main_table_numbers_are_the_papers_protocols(toy_report):
     assert "| Method | Images | EBPG (%) ↑ | IBD-AUC (%) ↑ | MoRF AUC ↓ | LeRF AUC ↑ |" in markdown
     assert "| alpha | 9 | 100.0 ± 0.0 | 100.00 | 0.4500 ± 0.1000 | 0.9000 ± 0.0000 |" in markdown
     assert f"| beta | 9 | {100 * mean:.1f} ± {100 * std:.1f} | 66.67 | 0.7000 ± 0.0000 | — |" in markdown
+
+
+def test_table_label_names_checkpoints_by_file_name_unless_ambiguous():
+    assert table_label("m", "imagenet", ["imagenet"]) == "m"                        # one weights: the model alone
+    runs = ["/r/models/m.pt", "/r/models/m_shortcut.pt", None]
+    assert table_label("m", "/r/models/m.pt", runs) == "m (m.pt)"
+    assert table_label("m", None, runs) == "m (random init)"
+    same_name = ["/a/m.pt", "/b/m.pt"]
+    assert table_label("m", "/b/m.pt", same_name) == "m (/b/m.pt)"
+    assert table_label("m", "s3://bucket/x/m.pt", ["s3://bucket/x/m.pt", "imagenet"]) == "m (m.pt)"
+
+
+def test_rebuild_replaces_the_earlier_reports_files(toy_runs, tmp_path):
+    first = report.build(report.ReportConfig(runs=[str(toy_runs["toy"]), str(toy_runs["toy2"])], out=str(tmp_path),
+                                             protocol=PROTOCOL, quiet=True)).parent
+    assert (first / "tables" / "main_toy2.csv").exists()
+    (first / "tables" / "notes.txt").write_text("mine")                         # not a report file: kept
+    report.build(report.ReportConfig(runs=[str(toy_runs["toy"])], out=str(tmp_path), protocol=PROTOCOL, quiet=True))
+    tables = sorted(p.name for p in (tmp_path / "tables").iterdir())
+    assert "main_toy2.csv" not in tables and "main_toy.csv" in tables and "notes.txt" in tables
 
 
 def test_runs_are_combined_and_curves_averaged(toy_report):

@@ -9,6 +9,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Sequence
 
 import numpy as np
@@ -110,10 +111,15 @@ def _md_row(cells: Sequence[str]) -> str:
 
 
 def table_label(model: str, weights: str | None, all_weights: Sequence[str | None]) -> str:
-    """How a (model, weights) table is named: the model, plus the weights when the model comes with several."""
+    """How a (model, weights) table is named: the model, plus the weights when the model comes with several —
+    a checkpoint by its file name (its whole path only where two checkpoints share that name)."""
     if len(set(all_weights)) <= 1:
         return model
-    return f"{model} ({weights if weights else 'random init'})"
+    if not weights:
+        return f"{model} (random init)"
+    name = PurePosixPath(str(weights).replace("\\", "/")).name
+    names = [PurePosixPath(str(w).replace("\\", "/")).name for w in set(all_weights) if w]
+    return f"{model} ({name if names.count(name) == 1 else weights})"
 
 
 def slug(text: str) -> str:
