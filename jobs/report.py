@@ -38,9 +38,9 @@ from attribution.errors import AttributionError
 from jobs import figures
 from jobs.common import JobError, expand_shards, fail
 from jobs.reporting import grids, page
+from jobs.reporting.aggregates import CURVE_METRICS, GROUP, Protocol, aggregate, mean_curves
 from jobs.reporting.runs import Run, load_runs
 from jobs.reporting.screenshot import find_chromium, screenshot
-from jobs.reporting.aggregates import CURVE_METRICS, GROUP, Protocol, aggregate, mean_curves
 from jobs.reporting.tables import (
     COLUMN_BY_METRIC,
     Table,
