@@ -18,6 +18,7 @@ from attribution.images import decode_sample
 from attribution.methods import attribute, attribute_with_extras
 from jobs import make_benchmark, train_benchmark_model
 from tests.conftest import randomise_batchnorm
+from tests.tolerances import assert_maps_agree, network_atol
 
 CLASSES = [c.name for c in bm.benchmark_classes(5)]
 
@@ -183,4 +184,7 @@ def test_attribute_job_reads_benchmark_shards_unchanged(ray_session, tmp_path):
     labels = torch.tensor([int(r["cls"]) for r in rows])
     for j, method in enumerate(("a_fmi", "gbp")):
         direct = attribute(method, loaded, images, labels).numpy()
-        np.testing.assert_allclose(stored[j::2], direct, rtol=1e-5, atol=1e-6 * float(abs(direct).max()))
+        # the actor's batches and threads differ from this call's: rounding of a forward + backward pass, and
+        # guided ReLU / max-pool masks that may flip where an input is within rounding of 0 (tests/README.md)
+        atol = network_atol(loaded.module, 1.0, passes=2) * np.abs(direct).max(axis=(1, 2))
+        assert_maps_agree(stored[j::2], direct, atol, what=method)

@@ -29,6 +29,7 @@ from schemas.attributions import validate_attributions
 from workers.attribution_worker import WorkerConfig
 from workers.sink import OutputStore, maps_of, read_table
 from workers.testing import CrashOnceWorker
+from tests.tolerances import assert_maps_agree, network_atol, unit_roundoff
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,9 +99,12 @@ def test_stored_maps_equal_direct_calls(full_run):
             idx = np.flatnonzero(mask)
             targets = torch.tensor([table.column("target")[int(i)].as_py() for i in idx])
             direct = attribute(method, spec, image.expand(len(idx), -1, -1, -1), targets).numpy()
-            scale = np.abs(direct).max(axis=(1, 2), keepdims=True)
-            # float16 storage of map / max|map|: relative precision 2^-11 of the scale, plus batch-size noise
-            np.testing.assert_allclose(stored[idx], direct, rtol=0, atol=float(scale.max()) * 2e-3)
+            scale = np.abs(direct).max(axis=(1, 2))
+            # float16 storage of map / max|map| rounds to u16 = 2^-11 of the scale; the actor's batch and thread
+            # count differ from this call's, so add the rounding bound of a forward + backward pass; guided ReLU
+            # masks may flip where an input is within rounding of 0, hence the robust criterion.
+            atol = scale * unit_roundoff(torch.float16) + network_atol(spec.module, 1.0, passes=2) * scale
+            assert_maps_agree(stored[idx], direct, atol, what=f"{key} {method}")
             checked += len(idx)
     assert checked == 30
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 
 from attribution import models
-from attribution.errors import AttributionError
+from attribution.errors import error_reason
 from attribution.methods import attribute_with_extras, get_method
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from workers.decode import DECODED_SCHEMA
@@ -131,16 +131,15 @@ class AttributionWorker:
         try:
             result = attribute_with_extras(method, self.spec, images, targets, **options)
             return {j: _slice(result, j) for j in range(len(chosen))}
-        except (AttributionError, RuntimeError, ValueError):
+        except Exception:  # noqa: BLE001 -- any failure of one method on one batch becomes error rows
             pass  # find the culprit(s): retry one sample at a time
         out = {}
         for j in range(len(chosen)):
             try:
                 result = attribute_with_extras(method, self.spec, images[j:j + 1], targets[j:j + 1], **options)
                 out[j] = _slice(result, 0)
-            except (AttributionError, RuntimeError, ValueError) as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                errors[chosen[j]].append(self._error(batch, chosen[j], "attribute", method, reason))
+            except Exception as exc:  # noqa: BLE001
+                errors[chosen[j]].append(self._error(batch, chosen[j], "attribute", method, error_reason(exc)))
         return out
 
     def _row(self, batch, i, method, options, target, top, top_prob, result, t, seconds) -> dict:

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from attribution.errors import error_reason
 from attribution.metrics.discrimination import class_discrimination
 from attribution.metrics.localisation import border_intensity, box_area_share, box_mask, energy_pointing_game
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
@@ -29,7 +30,6 @@ MAP_METRICS = ("ebpg", "ibd", "class_discrimination", "seconds")
 ATTRIBUTION_COLUMNS = ["key", "shard", "model", "weights", "method", "options", "target", "target_kind",
                        "target_rank", "label", "top5", "width", "height", "bboxes", "bboxes_input", "map",
                        "map_scale", "seconds"]
-_FAILURES = (RuntimeError, ValueError, KeyError, IndexError, OSError)
 _ORDER = [("shard", "ascending"), ("key", "ascending"), ("method", "ascending"), ("target_rank", "ascending"),
           ("target", "ascending")]
 
@@ -173,14 +173,13 @@ class ShardMapMetrics:
                 by_key = self._rows(table)
                 for key in keys:
                     yield key, by_key.get(key, []), []
-            except _FAILURES:
+            except Exception:  # noqa: BLE001 -- a failing chunk becomes error rows, not a failed job
                 for key in keys:
                     try:
                         yield key, self._rows(table.filter(pc.equal(table.column("key"), key))).get(key, []), []
-                    except _FAILURES as exc:
-                        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    except Exception as exc:  # noqa: BLE001
                         yield key, [], [{"key": key, "shard": shard, "stage": "evaluate", "method": None,
-                                         "reason": reason}]
+                                         "reason": error_reason(exc)}]
 
     def _samples(self, shard: str) -> Iterator[pa.Table]:
         """The shard's attribution rows in tables of whole samples (≈ ``read_rows`` rows each), key-sorted."""

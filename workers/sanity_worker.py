@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 
 from attribution import models
-from attribution.errors import AttributionError
+from attribution.errors import AttributionError, error_reason
 from attribution.methods import get_method
 from attribution.sanity import cascading_maps, randomisation_blocks, similarity_to_original
 from schemas.attributions import ERROR_SCHEMA
@@ -20,7 +20,7 @@ from workers.attribution_worker import ipc_blob
 from workers.decode import DECODED_SCHEMA
 
 SANITY_TARGETS = ("top1", "label")
-FAILURES = (AttributionError, RuntimeError, ValueError)
+FAILURES = Exception  # any failure of one method on one batch becomes error rows, not a failed job
 
 
 @dataclass
@@ -152,8 +152,7 @@ class SanityWorker:
                     out[:, m, j] = cascading_maps(self.spec, images[j:j + 1], targets[j:j + 1], [method],
                                                   **kwargs)[1][:, 0, 0]
                 except FAILURES as exc:
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    errors[i].append(_error(batch, i, "attribute", method, reason))
+                    errors[i].append(_error(batch, i, "attribute", method, error_reason(exc)))
         return out
 
 

@@ -57,15 +57,22 @@ def get_method(name: str) -> type[Method]:
     return REGISTRY[name]
 
 
-def attribute_with_extras(method: str, spec: ModelSpec, images: Tensor, targets: Tensor | int | list[int],
+def attribute_with_extras(method: str, spec: ModelSpec, images: Tensor, targets: Tensor | int | list[int], /,
                           **options: Any) -> Attribution:
-    """Maps and method-specific extras (A-FMI's FMI vectors, TR-GBP's per-layer maps) as an Attribution."""
+    """Maps and method-specific extras (A-FMI's FMI vectors, TR-GBP's per-layer maps) as an Attribution.
+
+    The four leading parameters are positional-only, so every option name of every method (IG's ``method``,
+    say) reaches the method: ``attribute_with_extras("ig", spec, x, t, method="riemann_trapezoid")``.
+    """
     return get_method(method)(spec).attribute(images, targets, **options)
 
 
-def attribute(method: str, spec: ModelSpec, images: Tensor, targets: Tensor | int | list[int],
+def attribute(method: str, spec: ModelSpec, images: Tensor, targets: Tensor | int | list[int], /,
               **options: Any) -> Tensor:
-    """Attribution maps: float32 [B, H, W] for targets [B], [B, T, H, W] for targets [B, T]."""
+    """Attribution maps: float32 [B, H, W] for targets [B], [B, T, H, W] for targets [B, T].
+
+    ``method``, ``spec``, ``images`` and ``targets`` are positional-only; every keyword is the method's option.
+    """
     return attribute_with_extras(method, spec, images, targets, **options).maps
 
 

@@ -37,8 +37,9 @@ class Method:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 
-    def attribute(self, images: Tensor, targets: Tensor | int | list[int], **options: Any) -> Attribution:
-        """Maps for each (image, target) pair; see the class docstring for shapes."""
+    def attribute(self, images: Tensor, targets: Tensor | int | list[int], /, **options: Any) -> Attribution:
+        """Maps for each (image, target) pair; see the class docstring for shapes. ``images`` and ``targets`` are
+        positional-only, so a method may have an option of any name."""
         self._check_options(options)
         images, targets2d, per_pair = validate_inputs(self.spec, images, targets, self.name)
         with torch.enable_grad():
@@ -52,9 +53,14 @@ class Method:
     def _attribute(self, images: Tensor, targets: Tensor, **options: Any) -> Attribution:
         raise NotImplementedError
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Every option of the method (the keyword-only parameters of ``_attribute``) with its default value."""
+        params = inspect.signature(cls._attribute).parameters
+        return {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+
     def _check_options(self, options: dict[str, Any]) -> None:
-        params = inspect.signature(self._attribute).parameters
-        allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        allowed = list(self.option_defaults())
         unknown = [n for n in options if n not in allowed]
         if unknown:
             raise AttributionError(f"method {self.name!r} has no option {unknown[0]!r}; "
