@@ -31,6 +31,7 @@ from workers.attribution_worker import WorkerConfig
 from workers.evaluate_worker import EvaluateConfig
 from workers.map_metrics import MAP_METRICS
 from workers.sink import maps_of, read_table
+from tests.tolerances import network_atol
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("gbp", "gradcam")
@@ -115,10 +116,15 @@ def test_values_equal_direct_calls(evaluated, maps_dir):
         morf = perturbation_curves(spec.module, image, pixel_order(maps[:1], most_relevant_first=True), target,
                                    fractions, mode="remove", baseline=black_baseline(spec.preprocessing))["prob"]
         row = got[got.metric == "morf"].iloc[0]
-        np.testing.assert_allclose(row.curve, morf[0].numpy(), rtol=1e-4, atol=1e-6)
-        assert row.value == pytest.approx(float(curve_auc(morf, fractions)[0]), rel=1e-4, abs=1e-6)
+        # the actor sends the steps through the model in other batches and threads: each probability is within
+        # twice the rounding bound of the logits of one forward pass (softmax is 2-Lipschitz in max-norm here)
+        with torch.no_grad():
+            atol = 2 * network_atol(spec.module, float(spec.module(image).abs().max()))
+        assert row.curve[0] - row.curve[-1] > 5 * atol  # the bound stays well below what the curve measures
+        np.testing.assert_allclose(row.curve, morf[0].numpy(), rtol=0, atol=atol)
+        assert row.value == pytest.approx(float(curve_auc(morf, fractions)[0]), rel=0, abs=atol)
         # fraction 0 is the untouched image: the top-1 probability the attribution job recorded
-        assert row.curve[0] == pytest.approx(rows.column("top5_prob")[0].as_py()[0], rel=1e-4)
+        assert row.curve[0] == pytest.approx(rows.column("top5_prob")[0].as_py()[0], rel=0, abs=atol)
         accuracy = got[got.metric == "insertion_accuracy"].iloc[0]
         assert list(accuracy.steps) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
         assert accuracy.curve[-1] == 1.0  # everything inserted: the image itself, whose top-1 is the target

@@ -9,6 +9,7 @@ from attribution.errors import AttributionError
 from attribution.methods.gradients import GuidedBackprop, Saliency
 from attribution.methods.integrated import IntegratedGradients
 from attribution.methods.noise_tunnel import SmoothGrad, VarGrad
+from tests.tolerances import assert_maps_agree, network_atol, sum_atol
 
 SIZE = 64
 
@@ -41,7 +42,10 @@ def test_resnet18_deterministic_and_batched(resnet18):
     b = sg.attribute(images, targets, samples=4, seed=1, internal_batch_size=None).maps
     c = sg.attribute(images, targets, samples=4, seed=1, internal_batch_size=3).maps
     assert torch.equal(a, b)
-    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    # other chunks = other batch compositions: rounding of a forward + backward pass per sample (averaged over
+    # the samples), and saliency's ReLU masks / channel max may flip at inputs within rounding of 0
+    atol = network_atol(resnet18.module, 1.0, passes=2) * a.abs().amax(dim=(-2, -1))
+    assert_maps_agree(c, a, atol, what="chunked smoothgrad")
 
 
 @pytest.mark.parametrize("base", ["saliency", Saliency, GuidedBackprop])
@@ -51,7 +55,11 @@ def test_zero_noise_smoothgrad_is_base_and_vargrad_is_zero(spec, base):
     ref = base_cls(spec).attribute(images, targets).maps
     smooth = SmoothGrad(spec).attribute(images, targets, base=base, samples=5, noise=0.0).maps
     var = VarGrad(spec).attribute(images, targets, base=base, samples=5, noise=0.0).maps
-    torch.testing.assert_close(smooth, ref, rtol=1e-6, atol=1e-7 * float(ref.abs().max()))
+    # 5 equal samples run as one batch of 5·B and averaged vs the base alone: rounding of a forward + backward
+    # pass in another batch composition, plus the mean of 5 terms (tests/README.md, rule 2)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(smooth, ref, rtol=0,
+                               atol=network_atol(spec.module, scale, passes=2) + sum_atol(5, scale))
     assert float(var.abs().max()) <= 1e-10 * float(ref.abs().max()) ** 2 + 1e-30
     assert float(ref.abs().max()) > 0
 
