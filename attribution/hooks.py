@@ -347,14 +347,18 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 
 
 @contextmanager
-def bias_units(model: nn.Module, on_gradient: Callable[[BiasUnit, Tensor], None]) -> Iterator[list[BiasUnit]]:
+def bias_units(model: nn.Module, on_gradient: Callable[[BiasUnit, Tensor], None], *,
+               fold_batchnorm: bool = True) -> Iterator[list[BiasUnit]]:
     """Record every biased affine unit of the forward passes run inside the block, in call order, and call
     ``on_gradient(unit, grad)`` whenever a later backward pass reaches a unit's output.
 
-    A BatchNorm whose input is exactly a conv/linear output is folded into that unit: effective bias
-    b_eff = (b − μ)·γ/√(σ² + ε) + β. Units whose effective bias is all zero are dropped at the end (and get no
-    callbacks). Outputs are not copied: the gradient hook is registered when the output is made, so an in-place
-    change later in the forward pass (``out += identity``) does not change what the hook reports.
+    ``fold_batchnorm=True``: a BatchNorm whose input is exactly a conv/linear output is folded into that unit:
+    effective bias b_eff = (b − μ)·γ/√(σ² + ε) + β. ``fold_batchnorm=False`` (the modules' own bias parameters
+    only): a conv/linear unit carries its ``.bias`` at its own output, and every BatchNorm is a 1x1 unit at its
+    own resolution carrying its β (``.bias``; the shift −γμ/√(σ² + ε) is no bias parameter and is not
+    recorded). Units whose bias is all zero are dropped at the end (and get no callbacks). Outputs are not
+    copied: the gradient hook is registered when the output is made, so an in-place change later in the forward
+    pass (``out += identity``) does not change what the hook reports.
     """
     units: list[BiasUnit] = []
     # id(output) -> (that tensor, its unit), to pair conv -> BatchNorm. Holding the tensor keeps its id from
@@ -377,6 +381,11 @@ def bias_units(model: nn.Module, on_gradient: Callable[[BiasUnit, Tensor], None]
         _register(BiasUnit(names[module], out, bias))
 
     def on_batchnorm(module: nn.modules.batchnorm._BatchNorm, args: tuple, out: Tensor) -> None:
+        size = tuple(args[0].shape[-2:]) if out.dim() == 4 else None
+        if not fold_batchnorm:
+            beta = module.bias.detach() if module.bias is not None else out.new_zeros(out.shape[1])
+            _register(BiasUnit(names[module], out, beta, input_size=size))
+            return
         scale, shift = _batchnorm_affine(module)
         source, producer = by_output.get(id(args[0]), (None, None))
         if source is args[0] and producer is not None:  # fold: the conv's bias goes through the BatchNorm too
@@ -385,7 +394,6 @@ def bias_units(model: nn.Module, on_gradient: Callable[[BiasUnit, Tensor], None]
             producer.output = out
             _watch(producer, out)
             return
-        size = tuple(args[0].shape[-2:]) if out.dim() == 4 else None
         _register(BiasUnit(names[module], out, shift, input_size=size))
 
     def _register(unit: BiasUnit) -> None:

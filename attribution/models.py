@@ -1,7 +1,7 @@
 """Model zoo: a name (or a user's own module) -> a ModelSpec that carries everything the methods need.
 
 ``load(name, weights)`` builds torchvision ResNets/VGGs, EfficientNet-Lite0 and the benchmark's small CNNs
-(``bench_resnet``, ``bench_vgg``; ``load(checkpoint_path)`` reads the architecture from a benchmark checkpoint);
+(``bench_resnet``, ``bench_vgg``, ``bench_vgg_plain``; ``load(checkpoint_path)`` reads the architecture from a benchmark checkpoint);
 ``wrap(module, …)`` accepts any CNN. A spec never changes the module it holds beyond putting a freshly built model
 in eval mode.
 """
@@ -115,7 +115,7 @@ def default_device() -> torch.device:
 def load(name: str, weights: str | os.PathLike | None = None, *, seed: int = 0,
          num_classes: int | None = None, device: torch.device | str | None = None) -> ModelSpec:
     """Build a named model: ``resnet18/34/50/101/152``, ``vgg11/13/16/19`` (+``_bn``), ``efficientnet_lite0``,
-    ``bench_resnet``/``bench_vgg`` — or ``name`` may be the path of a benchmark checkpoint (it names its
+    ``bench_resnet``/``bench_vgg``/``bench_vgg_plain`` — or ``name`` may be the path of a benchmark checkpoint (it names its
     architecture, see :func:`attribution.architectures.small_cnn.checkpoint`).
 
     ``weights``: None -> random initialisation from ``seed``; a checkpoint path -> its state dict

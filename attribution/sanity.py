@@ -14,7 +14,7 @@ Decisions where the papers are open:
   (block b = the convs (+BN) after the (b-1)-th max-pool). EfficientNet-Lite0: ``classifier`` (_fc), ``head``
   (_conv_head + _bn1), the 7 stages ``stage7`` … ``stage1`` (MBConv blocks grouped 1,2,2,3,3,4,1), ``stem``
   (_conv_stem + _bn0). The benchmark's small CNNs (attribution/architectures/small_cnn.py): ``bench_resnet``
-  ``fc, layer3, layer2, layer1, stem``; ``bench_vgg`` ``classifier`` (its 3 Linear layers, one step), then
+  ``fc, layer3, layer2, layer1, stem``; ``bench_vgg`` (and ``bench_vgg_plain``) ``classifier`` (its 3 Linear layers, one step), then
   ``block4`` … ``block1``. Any other model (e.g. a ``models.wrap``-ped CNN): its top-level children
   that hold parameters, in reverse registration order, named by their attribute names; when only one child
   holds parameters the rule descends into it (so ``wrap(nn.Sequential(body))`` still gives several blocks).
@@ -70,7 +70,7 @@ def randomisation_blocks(spec: ModelSpec) -> list[Block]:
     elif _bench(module) == "bench_resnet":
         blocks = [("fc", [module.head.fc])] + [(name, [child]) for name, child in
                                                reversed(list(module.features.named_children()))]
-    elif _bench(module) == "bench_vgg":
+    elif _bench(module) in ("bench_vgg", "bench_vgg_plain"):
         blocks = [("classifier", [module.head])] + _vgg_feature_blocks(module.features)
     elif isinstance(module, EfficientNetLite0):
         blocks = [("classifier", [module._fc]), ("head", [module._conv_head, module._bn1])]
@@ -92,7 +92,7 @@ def _bench(module: nn.Module) -> str | None:
     ``head``, so this module does not depend on that one), else None."""
     arch = getattr(module, "arch", None)
     parts = all(isinstance(getattr(module, n, None), nn.Sequential) for n in ("features", "head"))
-    return arch if parts and arch in ("bench_resnet", "bench_vgg") else None
+    return arch if parts and arch in ("bench_resnet", "bench_vgg", "bench_vgg_plain") else None
 
 
 def _vgg_feature_blocks(features: nn.Sequential) -> list[Block]:

@@ -2,6 +2,7 @@
 
     python -m bench.metrics [--quick] [--model resnet18] [--batch 8] [--size 192] [--steps 24] [--repeats 3]
                             [--method saliency] [--chunk-size 64,8] [--device cpu|cuda] [--wait-quiet SECONDS]
+                            [--road-batch 4] [--road-repeats 1] [--only morf,insertion,road]
                             [--out bench/results/metrics.json]
 
 Inputs (built with bench.methods' helpers): the model with random weights (BatchNorm statistics randomised as a
@@ -17,6 +18,16 @@ call each, then ``--repeats`` rounds, median):
 * **insertion** — ours: ``perturbation_curves(mode="insert")`` from the black image; Quantus has no insertion
   metric, so its ``PixelFlipping`` loop is driven from the black image with a perturb function that copies the
   image's pixels in (:func:`insert_from_source`), i.e. the same steps through the same Quantus machinery.
+
+* **road** — ours: ``road.road_curves`` (MoRF and LeRF, fractions 0.1 … 0.9, σ = 0.01 in pixel units, CG on
+  all images × steps of a chunk at once) on the first ``--road-batch`` images; pytorch-grad-cam:
+  ``ROADMostRelevantFirstAverage`` + ``ROADLeastRelevantFirstAverage`` (percentiles 10 … 90, its
+  ``NoisyLinearImputer``: one scipy ``spsolve`` per image and step on the CPU) on the same model, images and maps,
+  ``ClassifierOutputSoftmaxTarget``. Both impute the normalised images with σ = 0.01 (pytorch-grad-cam: in
+  normalised units; ours: 0.01 / std, i.e. the authors' pixel units), so "agreement" is only indicative: the mean
+  over steps of (p - p on the image), ours vs pytorch-grad-cam, differs by the noise draws and σ, and by
+  pytorch-grad-cam's percentile thresholds (ties) vs our rank counting. Each reference call takes seconds per
+  image, so ROAD has its own ``--road-repeats`` (default 1, after one warm-up of ours only).
 
 Ours is timed at each ``--chunk-size`` (perturbed images per forward pass): large chunks are what a GPU wants;
 on a small CPU, batches beyond ~8 images run slower per image (cache), so compare at chunk 8 there.
@@ -52,6 +63,7 @@ from attribution.metrics.perturbation import (
     perturbation_curves,
     pixel_order,
 )
+from attribution.metrics.road import noise_for, road_curves
 from attribution.preprocessing import Preprocessing
 from bench.methods import (
     _device_name,
@@ -129,13 +141,66 @@ def bench_metric(name: str, ours: dict[int, Callable[[], Tensor]], reference: Ca
 
 
 def table(rows: list[dict]) -> str:
-    head = ("metric", "chunk", "ours img/s", "Quantus img/s", "ours/Quantus speed", "max |ours - Quantus|")
+    head = ("metric", "chunk", "ours img/s", "reference img/s", "speed-up (ref/ours s)", "max |ours - ref|")
     lines = [(r["metric"] if i == 0 else "", str(o["chunk_size"]), f"{o['images_per_s']:.2f}",
               f"{r['quantus']['images_per_s']:.2f}" if i == 0 else "", f"{o['speedup']:.2f}x",
               f"{o['max_abs_diff']:.1e}") for r in rows for i, o in enumerate(r["ours"])]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = " | ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), "-+-".join("-" * w for w in widths)] + [fmt.format(*line) for line in lines])
+
+
+def gradcam_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor) -> np.ndarray:
+    """pytorch-grad-cam's ROAD: [N, 2] = (MoRF, LeRF) mean over percentiles 10 … 90 of p_target(imputed) - p_target
+    (its default ``return_diff``), one spsolve per image and percentile."""
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+    cams = maps.detach().cpu().numpy().astype(np.float32)
+    tg = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
+    morf = ROADMostRelevantFirstAverage()(images, cams, tg, model)
+    lerf = ROADLeastRelevantFirstAverage()(images, cams, tg, model)
+    return np.stack([morf, lerf], axis=1).astype(np.float64)
+
+
+def ours_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, noise: Tensor, chunk: int
+              ) -> tuple[Tensor, dict]:
+    """Ours, in pytorch-grad-cam's units: [N, 2] = mean over steps of p - p on the image (MoRF, LeRF); + solver."""
+    out = road_curves(model, images, maps, targets, noise=noise.to(images.device), chunk_size=chunk)
+    with torch.inference_mode():
+        p0 = model(images).float().softmax(dim=1).gather(1, targets[:, None])[:, 0]
+    diff = torch.stack([out[o]["prob"].mean(dim=1) - p0 for o in ("morf", "lerf")], dim=1).double().cpu()
+    info = out["solver"]
+    return diff, {"iterations": info.iterations, "max_residual": info.max_residual, "converged": info.converged}
+
+
+def bench_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, noise: Tensor, chunks: list[int],
+               repeats: int, device: torch.device, max_foreign: float, wait_quiet_s: float) -> dict:
+    """ROAD (MoRF + LeRF at 9 fractions) images/s, ours at each chunk size vs pytorch-grad-cam, interleaved."""
+    solver: dict[int, dict] = {}
+
+    def ours(chunk: int) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            diff, solver[chunk] = ours_road(model, images, maps, targets, noise, chunk)
+            return diff
+        return run
+
+    for chunk in chunks:  # warm-up of ours only: the reference's one-time costs are negligible next to its solves
+        ours(chunk)()
+    fns: dict[str, Callable] = {f"ours_chunk{c}": ours(c) for c in chunks}
+    fns["pytorch_grad_cam"] = lambda: gradcam_road(model, images, maps, targets)
+    results, times, loads = interleaved(fns, repeats, device, max_foreign=max_foreign, retries=0,
+                                        wait_quiet_s=wait_quiet_s, warmup=False)
+    batch = images.shape[0]
+    ref = _stats(times["pytorch_grad_cam"], loads["pytorch_grad_cam"], batch)
+    row: dict[str, Any] = {"metric": "road", "reference": "pytorch-grad-cam ROAD{Most,Least}RelevantFirstAverage",
+                           "quantus": {**ref, "images_per_s": 1 / ref["s_per_image"]}, "ours": []}
+    for chunk in chunks:
+        o = _stats(times[f"ours_chunk{chunk}"], loads[f"ours_chunk{chunk}"], batch)
+        diff = float(np.abs(results[f"ours_chunk{chunk}"].numpy() - results["pytorch_grad_cam"]).max())
+        row["ours"].append({"chunk_size": chunk, **o, "images_per_s": 1 / o["s_per_image"],
+                            "speedup": ref["s_per_image"] / o["s_per_image"], "max_abs_diff": diff,
+                            "solver": solver[chunk]})
+    return row
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -156,8 +221,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="retry (twice) a timed run during which other processes used more than this many cores")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each timed run, wait up to this long for other processes to go quiet")
+    p.add_argument("--only", default="morf,insertion,road", help="comma-separated subset of morf, insertion, road")
+    p.add_argument("--road-batch", type=int, default=4, help="images for ROAD (the reference solves per image)")
+    p.add_argument("--road-repeats", type=int, default=1)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
+    args.only = [m.strip() for m in args.only.split(",") if m.strip()]
+    if not args.only or set(args.only) - {"morf", "insertion", "road"}:
+        p.error(f"--only: a subset of morf, insertion, road; got {args.only}")
     if args.quick:
         args.batch, args.steps = min(args.batch, 4), 12
     try:
@@ -168,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--chunk-size values must be >= 1")
     if args.batch < 1 or args.repeats < 1 or args.steps < 1:
         p.error("--batch, --repeats and --steps must be >= 1")
-    if args.steps % 3 or (args.size * args.size) % args.steps:
+    if set(args.only) & {"morf", "insertion"} and (args.steps % 3 or (args.size * args.size) % args.steps):
         p.error(f"--steps {args.steps} with --size {args.size}: Quantus needs 3 | steps and steps | size*size")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine")
@@ -196,10 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
     np_pixels, np_maps, np_targets = (t.detach().cpu().numpy() for t in (pixels, maps, targets))
     print(f"bench: {args.model} (random weights), {args.batch} photos at {images.shape[-1]} px, {args.method} maps, "
           f"{args.steps} steps, chunks {args.chunk_sizes}, {args.repeats} repeats, {device} ({_device_name(device)}), "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads; metrics {','.join(args.only)} (road: {min(args.road_batch, args.batch)} "
+          f"images, {args.road_repeats} repeats)", flush=True)
 
     rows = []
     for name, mode in (("morf", "remove"), ("insertion", "insert")):
+        if name not in args.only:
+            continue
         order = pixel_order(maps)
 
         def ours(chunk: int, mode: str = mode, order: Tensor = order) -> Callable[[], Tensor]:
@@ -215,11 +289,22 @@ def main(argv: list[str] | None = None) -> dict:
                                  device, args.max_foreign, args.wait_quiet))
         print(f"  {name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
+    if "road" in args.only:
+        k = min(args.road_batch, args.batch)
+        t0 = time.perf_counter()
+        rows.append(bench_road(spec.module, images[:k], maps[:k], targets[:k], noise_for(pre), args.chunk_sizes,
+                               args.road_repeats, device, args.max_foreign, args.wait_quiet))
+        print(f"  road ({k} images, MoRF + LeRF at 9 fractions): {time.perf_counter() - t0:.1f} s", flush=True)
+        for o in rows[-1]["ours"]:
+            print(f"    ours chunk {o['chunk_size']}: CG {o['solver']}", flush=True)
+
     print()
     print(table(rows))
     report = {
         "model": args.model, "weights": None, "batch": args.batch, "steps": args.steps, "method": args.method,
-        "chunk_sizes": args.chunk_sizes, "repeats": args.repeats, "quick": args.quick, "device": str(device),
+        "chunk_sizes": args.chunk_sizes, "repeats": args.repeats, "quick": args.quick, "only": args.only,
+        "road_batch": min(args.road_batch, args.batch), "road_repeats": args.road_repeats, "size": args.size,
+        "device": str(device),
         "device_name": _device_name(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "versions": _versions(), "git_commit": _git_commit(), "targets": targets.tolist(),
         "timing": "median over repeats of wall seconds per image after one warm-up; ours and Quantus interleaved",
@@ -231,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         from importlib.metadata import version
         report["versions"]["quantus"] = version("quantus")
+        report["versions"]["grad-cam"] = version("grad-cam")
     except ImportError:  # informational only
         report["versions"]["quantus"] = "unknown"
     if report["disturbed_runs"]:

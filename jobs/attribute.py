@@ -21,11 +21,12 @@ from typing import Any
 from attribution import models
 from attribution.errors import AttributionError
 from attribution.methods import REGISTRY, get_method
+from attribution.precision import PRECISIONS
 from jobs.common import JobError, actor_resources, commit_as_written, ensure_ray, expand_shards, fail
 from workers.attribution_worker import TARGET_KINDS, AttributionWorker, WorkerConfig
 from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
-from workers.sink import OutputStore, write_parts
+from workers.sink import OutputStore, StorageError, write_parts
 
 FORMATS = {"parquet": ("parquet",), "npz": ("npz",), "both": ("parquet", "npz")}
 
@@ -57,6 +58,7 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kw
 
     for method in config.worker.methods:  # option mistakes fail here, in one line, before any work starts
         get_method(method)(None)._check_options(config.worker.options_for(method))
+        get_method(method).check_precision(config.worker.precision)
     uris = expand_shards(config.shards)
     store = OutputStore(config.out)
     if config.overwrite:
@@ -143,6 +145,7 @@ def _config_key(config: AttributeConfig) -> dict:
     w = config.worker
     return {"model": w.model, "weights": w.weights, "methods": w.methods, "method_options": w.method_options,
             "targets": w.targets, "map_dtype": w.map_dtype, "fmi": w.fmi, "layers": w.layers,
+            **({"precision": w.precision} if w.precision != "fp32" else {}),  # fp32 runs keep their old key
             "format": config.format}
 
 
@@ -157,7 +160,8 @@ def _check_same_run(store: OutputStore, config: AttributeConfig) -> None:
 def parse_args(argv: list[str] | None = None) -> AttributeConfig:
     """CLI -> AttributeConfig; any bad argument exits with one error line."""
     p = argparse.ArgumentParser(prog="python -m jobs.attribute", description=__doc__.split("\n")[0])
-    p.add_argument("--shards", nargs="+", required=True, help="tar shards: brace patterns, globs, dirs, s3:// gs://")
+    p.add_argument("--shards", nargs="+", required=True,
+                   help="tar shards: brace patterns, globs, dirs, s3:// gs://, or comma-separated lists of those")
     p.add_argument("--model", required=True, help=f"one of {', '.join(models.MODEL_NAMES)}")
     p.add_argument("--weights", default=None, help="torchvision weights name, checkpoint path, or 'imagenet' "
                    "(efficientnet_lite0); default: random init")
@@ -167,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
     p.add_argument("--out", required=True, help="output directory or URI")
     p.add_argument("--format", default="parquet", choices=sorted(FORMATS))
     p.add_argument("--map-dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="compute precision of the forward/backward passes (bf16/fp16: autocast); maps are float32")
     p.add_argument("--fmi", action="store_true", help="store A-FMI's FMI vectors")
     p.add_argument("--layers", action="store_true", help="store TR-GBP's per-layer maps")
     p.add_argument("--batch-size", type=int, default=None)
@@ -193,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
         if getattr(a, size) is not None and getattr(a, size) < 1:
             fail(f"--{size.replace('_', '-')} must be at least 1")
     worker = WorkerConfig(model=a.model, weights=a.weights, methods=methods, method_options=options,
-                          targets=a.targets, map_dtype=a.map_dtype, fmi=a.fmi, layers=a.layers, device=a.device)
+                          targets=a.targets, map_dtype=a.map_dtype, precision=a.precision, fmi=a.fmi, layers=a.layers,
+                          device=a.device)
     return AttributeConfig(shards=a.shards, out=a.out, worker=worker, format=a.format, batch_size=a.batch_size,
                            workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
                            overwrite=a.overwrite, address=a.address)
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 c in config.worker.weights for c in "/\\") and "://" not in config.worker.weights:
             raise JobError(f"checkpoint {config.worker.weights} does not exist")
         run(config)
-    except (JobError, AttributionError) as exc:
+    except (JobError, AttributionError, StorageError) as exc:
         fail(str(exc))
     return 0
 

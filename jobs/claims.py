@@ -6,11 +6,12 @@ A documented chain of the existing jobs; every intermediate output stays under `
 rerun or inspected on its own (reruns skip what is already there):
 
 1. ``jobs.make_benchmark``: the benchmark (``bench/``) and its border-shortcut variant (``bench_shortcut/``);
-2. ``jobs.train_benchmark_model``: ``bench_resnet`` and ``bench_vgg`` on the benchmark, ``bench_resnet`` on the
-   shortcut variant (``models/*.pt``);
+2. ``jobs.train_benchmark_model``: ``bench_resnet``, ``bench_vgg`` and ``bench_vgg_plain`` on the benchmark,
+   ``bench_resnet`` on the shortcut variant (``models/*.pt``);
 3. ``jobs.attribute`` → ``jobs.evaluate`` on the validation split for each model (saliency, gbp, gradcam,
    tr_gbp, a_fmi, top-5 maps), on the shortcut variant (top-1 maps, for IBD), with ``--targets label --fmi`` on
-   train + val (FMI prototypes), and a_fmi/ig/deeplift with black, white and random references;
+   train + val (FMI prototypes), and a_fmi/ig/deeplift with black, white and random references; MoRF/LeRF
+   with black pixels and with ROAD's noisy linear imputation on the first ``road_images`` validation images;
 4. ``jobs.sanity`` (gbp, tr_gbp) for each model; the same on the real EfficientNet-Lite0 with the real photos;
 5. ``jobs.report`` over everything, with the claims table on top.
 
@@ -34,7 +35,7 @@ import pandas as pd
 METHODS = ("saliency", "gbp", "gradcam", "tr_gbp", "a_fmi")
 REFERENCES = ("black", "white", "random")
 REFERENCE_METHODS = {"a_fmi": "reference", "ig": "baseline", "deeplift": "baseline"}
-ARCHS = ("bench_resnet", "bench_vgg")
+ARCHS = ("bench_resnet", "bench_vgg", "bench_vgg_plain")  # bench_vgg_plain: conv biases, no BatchNorm (issue 16)
 LITE0 = "efficientnet_lite0"
 
 
@@ -53,12 +54,13 @@ class ClaimsConfig:
     reference_images: int = 100
     seed: int = 0
     ig_steps: int = 32
+    road_images: int = 100
     lite0: bool = True
 
     @classmethod
     def quick(cls, out: Path) -> "ClaimsConfig":
         return cls(out=out, train=800, val=80, classes=6, epochs=None, sanity_images=4, reference_images=24,
-                   ig_steps=16)
+                   ig_steps=16, road_images=24)
 
 
 @dataclass
@@ -107,6 +109,9 @@ def run(config: ClaimsConfig, say: Callable[..., None] = print) -> list[Claim]:
                                                          tuple(REFERENCE_METHODS), "label", options=options,
                                                          limit=config.reference_images, say=say)
         runs[f"sanity_{arch}"] = _sanity(out / f"sanity_{arch}", val, arch, checkpoint, config.sanity_images, say)
+        runs[f"road_{arch}"] = _evaluate(out / f"road_{arch}", runs[f"maps_{arch}"], say,
+                                         metrics=["morf", "lerf", "road_morf", "road_lerf"],
+                                         limit=config.road_images)
     sc_val = [str(shortcut / "val-*.tar")]
     runs["maps_shortcut"] = _attribute(out / "maps_shortcut", sc_val, "bench_resnet", shortcut_model, METHODS,
                                        "top1", say=say)
@@ -176,16 +181,24 @@ def _samples_per_shard(uri: str) -> int:
         return max(1, len({m.name.split(".")[0] for m in tar.getmembers()}))
 
 
-def _evaluate(out: Path, maps: Path, say, metrics: list[str] | None = None) -> Path:
+def _evaluate(out: Path, maps: Path, say, metrics: list[str] | None = None, limit: int | None = None) -> Path:
+    """jobs.evaluate on an attribution run (default metrics: all but ROAD); ``limit``: only its first shards
+    holding at least that many samples."""
     from jobs.evaluate import EvaluateJobConfig, attribution_run
     from jobs.evaluate import run as evaluate_run
-    from workers.evaluate_worker import METRICS, EvaluateConfig
+    from workers.evaluate_worker import DEFAULT_METRICS, EvaluateConfig
 
-    source = attribution_run(str(maps))["config"]
+    manifest = attribution_run(str(maps))
+    source = manifest["config"]
+    shards = None
+    if limit is not None:
+        uris = [entry["uri"] for _, entry in sorted(manifest["shards"].items()) if "uri" in entry]
+        shards = uris[:max(1, -(-limit // _samples_per_shard(uris[0])))]
     say(f"evaluate: {maps.name} -> {out}")
-    evaluate_run(EvaluateJobConfig(out=str(out), quiet=True, dataset_metrics=[], worker=EvaluateConfig(
-        attributions=str(maps), model=source["model"], weights=source["weights"],
-        metrics=list(metrics or METRICS))))
+    evaluate_run(EvaluateJobConfig(out=str(out), quiet=True, dataset_metrics=[], shards=shards,
+                                   worker=EvaluateConfig(attributions=str(maps), model=source["model"],
+                                                         weights=source["weights"],
+                                                         metrics=list(metrics or DEFAULT_METRICS))))
     return out
 
 
@@ -241,6 +254,8 @@ def evaluate_claims(runs: dict[str, Path], config: ClaimsConfig) -> list[Claim]:
         claims.append(_less("A-FMI", "A-FMI ≥ Grad-CAM on insertion Accuracy-AUC (Table 1)", arch,
                             "gradcam", ins.get("gradcam"), "a_fmi", ins.get("a_fmi"), or_equal=True))
         claims.append(_reference_claim(runs, arch))
+        if f"road_{arch}" in runs:
+            claims += _road_claims(runs[f"road_{arch}"], arch)
         claims.append(_fmi_claim(runs[f"fmi_{arch}"], arch))
     gaps = {arch: _mean(_metrics(runs[f"metrics_{arch}"]), "insertion_accuracy") for arch in ARCHS}
     gap = {arch: (g.get("a_fmi", np.nan) - g.get("gradcam", np.nan)) for arch, g in gaps.items()}
@@ -289,6 +304,44 @@ def _reference_claim(runs: dict[str, Path], arch: str) -> Claim:
     return Claim("A-FMI", "A-FMI is insensitive to the reference (black/white/random) while IG and DeepLIFT are "
                  "not (mean Spearman between maps of different references, §4.2)", arch,
                  _fmt(agreement, tuple(REFERENCE_METHODS)), bool(all(agreement["a_fmi"] > o for o in others)))
+
+
+def _road_claims(run: Path, arch: str) -> list[Claim]:
+    """TR-GBP Fig. 6 (MoRF: TR-GBP beats Grad-CAM; LeRF: TR-GBP best, on ResNet) with black pixels and with ROAD
+    (Rong et al. 2022) on the same images; the ROAD rows add the Kendall τ between the methods' black-pixel and
+    ROAD rankings (1 = the same order)."""
+    m = _metrics(run)
+    images = m.key.nunique()
+    out = []
+    for order in ("morf", "lerf"):
+        black, road = _mean(m, order), _mean(m, f"road_{order}")
+        tau = _kendall(black, road)
+        for name, values in (("black pixels", black), ("ROAD", road)):
+            setting = f"{arch}, {name}, {images} images"
+            extra = f"; ranking vs black τ = {_num(tau)}" if name == "ROAD" else ""
+            if order == "morf":
+                claim = _less("TR-GBP", f"TR-GBP outperforms Grad-CAM on MoRF (Fig. 6; AUC of the target "
+                              f"probability, lower is better), {name}", setting, "tr_gbp", values.get("tr_gbp"),
+                              "gradcam", values.get("gradcam"))
+            else:
+                tr = values.get("tr_gbp")
+                rest = [v for k, v in values.items() if k != "tr_gbp"]
+                holds = None if tr is None or not rest else bool(all(tr > v for v in rest))
+                claim = Claim("TR-GBP", f"TR-GBP is best on LeRF (Fig. 6, ResNet; AUC, higher is better), {name}",
+                              setting, _fmt(values, sorted(values)), holds)
+            claim.measured += extra
+            out.append(claim)
+    return out
+
+
+def _kendall(a: dict[str, float], b: dict[str, float]) -> float:
+    """Kendall's τ-a between two scorings of the same methods (NaN with fewer than two in common)."""
+    keys = sorted(k for k in a if k in b and np.isfinite(a[k]) and np.isfinite(b[k]))
+    pairs = [(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys))]
+    if not pairs:
+        return float("nan")
+    sign = [np.sign(a[keys[i]] - a[keys[j]]) * np.sign(b[keys[i]] - b[keys[j]]) for i, j in pairs]
+    return float(np.mean(sign))
 
 
 def _fmi_claim(run: Path, arch: str) -> Claim:
@@ -357,7 +410,7 @@ def _write_claims(out: Path, claims: Sequence[Claim]) -> None:
 def _report(out: Path, runs: dict[str, Path], claims: Sequence[Claim], say) -> Path:
     from jobs.report import ReportConfig, build
 
-    wanted = [p for name, p in runs.items() if name.startswith(("metrics_", "sanity_"))]
+    wanted = [p for name, p in runs.items() if name.startswith(("metrics_", "sanity_", "road_"))]
     return build(ReportConfig(runs=[str(p) for p in wanted], out=str(out / "report"), grid_images=6, quiet=True,
                               title="The papers' claims on the procedural benchmark and EfficientNet-Lite0",
                               claims=pd.DataFrame([c.as_row() for c in claims])))

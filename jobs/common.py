@@ -74,13 +74,15 @@ def actor_resources(gpus_per_worker: float | None, workers: int | None, cpus_per
 
 
 def expand_shards(patterns: list[str]) -> list[str]:
-    """Shard URIs from brace patterns (``val-{000000..000049}.tar``), local globs, or directories of ``*.tar``.
+    """Shard URIs from brace patterns (``val-{000000..000049}.tar``), local globs, or directories of ``*.tar``;
+    each argument may also be a comma-separated list of those (``a.tar,b.tar``; commas inside braces belong to the
+    brace pattern).
 
     Raises JobError when nothing matches, a listed local/remote shard does not exist, or two shards share a
     file name (outputs are keyed by it).
     """
     uris: list[str] = []
-    for pattern in patterns:
+    for pattern in (item for argument in patterns for item in split_top_level_commas(argument)):
         for expanded in braceexpand.braceexpand(pattern):
             uris.extend(_expand_one(expanded))
     if not uris:
@@ -92,13 +94,31 @@ def expand_shards(patterns: list[str]) -> list[str]:
     return uris
 
 
+def split_top_level_commas(argument: str) -> list[str]:
+    """``"a.tar, b-{0,1}.tar"`` -> ``["a.tar", "b-{0,1}.tar"]``: split at commas outside braces, drop empty items."""
+    items, depth, current = [], 0, []
+    for ch in argument:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth <= 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
 def _expand_one(pattern: str) -> list[str]:
     if "://" not in pattern and any(ch in pattern for ch in "*?["):
         return sorted(glob.glob(pattern))
-    fs, path = resolve_filesystem(pattern)
-    info = fs.get_file_info(path)
+    try:
+        fs, path = resolve_filesystem(pattern)
+        info = fs.get_file_info(path)
+        found = fs.get_file_info(pafs.FileSelector(path)) if info.type == pafs.FileType.Directory else []
+    except OSError as exc:
+        lines = str(exc).strip().splitlines()
+        raise JobError(f"shard {pattern} cannot be read: {lines[0] if lines else type(exc).__name__}") from None
     if info.type == pafs.FileType.Directory:
-        found = fs.get_file_info(pafs.FileSelector(path))
         prefix = pattern.rstrip("/")
         return sorted(posixpath.join(prefix, f.base_name) for f in found if f.base_name.endswith(".tar"))
     if info.type != pafs.FileType.File:

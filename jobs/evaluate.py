@@ -1,12 +1,13 @@
 """python -m jobs.evaluate: an attribution run's maps + the shards' images in, per-image metric rows out, resumable.
 
     python -m jobs.evaluate --attributions runs/maps --out runs/metrics \\
-        [--metrics ebpg,ibd,morf,lerf,insertion,class_discrimination,seconds,fmi] [--methods gbp,tr_gbp]
+        [--metrics ebpg,ibd,morf,lerf,insertion,road_morf,road_lerf,class_discrimination,seconds,fmi]
+        [--methods gbp,tr_gbp] [--road-fractions 0.1,0.2,…,0.9] [--road-noise 0.01] [--road-seed 0]
 
-With a model-based metric (MoRF, LeRF, insertion): read shards -> decode (CPU tasks) -> evaluate in actors that
-pin the attribution run's model on one GPU (or CPU), fetching each batch's maps from the attribution Parquet by
-key, and batching all perturbation steps of all its images through the model -> write parts -> the driver
-commits each shard. With map-only metrics alone (EBPG, IBD, class discrimination, time): the attribution
+With a model-based metric (MoRF, LeRF, insertion, ROAD MoRF/LeRF): read shards -> decode (CPU tasks) -> evaluate
+in actors that pin the attribution run's model on one GPU (or CPU), fetching each batch's maps from the attribution
+Parquet by key, and batching all perturbation steps of all its images through the model -> write parts -> the
+driver commits each shard. With map-only metrics alone (EBPG, IBD, class discrimination, time): the attribution
 Parquet, one shard per CPU task, streamed in key order -> map-only metrics -> write parts -> commit; no image is
 read and no model loaded. Either way the map-only metrics come from one function (workers.map_metrics).
 Dataset-level metrics (FMI prototype accuracy) are computed by the driver at the end from the attribution rows.
@@ -30,13 +31,18 @@ from attribution.errors import AttributionError
 from jobs.common import JobError, actor_resources, commit_as_written, ensure_ray, expand_shards, fail
 from schemas.metrics import validate_dataset_metrics
 from workers.decode import decode_batch
+from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
+from attribution.metrics.road import PIXEL_NOISE
+from attribution.precision import PRECISIONS
 from workers.evaluate_worker import METRICS, MODEL_METRICS, EvaluateConfig, EvaluateWorker
 from workers.map_metrics import MapMetricsConfig, ShardMapMetrics
 from workers.shards import WebDatasetShards, shard_name
-from workers.sink import OutputStore, write_metric_parts
+from workers.sink import OutputStore, StorageError, write_metric_parts
 
 DATASET_METRICS = ("fmi",)
 ALL_METRICS = METRICS + DATASET_METRICS
+ROAD_METRICS = ("road_morf", "road_lerf")
+DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m not in ROAD_METRICS)  # ROAD (a CG solve per step) is opt-in
 
 
 @dataclass
@@ -238,9 +244,14 @@ def _manifest(config: EvaluateJobConfig, uris: list[str], committed: dict[str, d
 def _config_key(config: EvaluateJobConfig) -> dict:
     """The parts of a config that define its outputs (a resumed run must match them)."""
     w = config.worker
-    return {"attributions": w.attributions, "model": w.model, "weights": w.weights, "metrics": w.metrics,
-            "methods": w.methods, "morf_steps": w.morf_steps, "insertion_steps": w.insertion_steps,
-            "lerf_abs_methods": w.lerf_abs_methods, "border": w.border}
+    key = {"attributions": w.attributions, "model": w.model, "weights": w.weights, "metrics": w.metrics,
+           "methods": w.methods, "morf_steps": w.morf_steps, "insertion_steps": w.insertion_steps,
+           "lerf_abs_methods": w.lerf_abs_methods, "border": w.border}
+    if set(ROAD_METRICS) & set(w.metrics):  # only then (runs without ROAD resume as before)
+        key.update(road_fractions=list(w.road_fractions), road_noise=w.road_noise, road_seed=w.road_seed)
+    if w.precision != "fp32":  # fp32 runs keep their old key
+        key["precision"] = w.precision
+    return key
 
 
 def _check_same_run(store: OutputStore, config: EvaluateJobConfig) -> None:
@@ -260,7 +271,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
     p.add_argument("--out", required=True, help="output directory or URI for the metric rows")
     p.add_argument("--shards", nargs="+", default=None,
                    help="the shards the maps were computed on (default: those recorded by the attribution run)")
-    p.add_argument("--metrics", default=",".join(ALL_METRICS), help=f"comma-separated: {', '.join(ALL_METRICS)}")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated: {', '.join(ALL_METRICS)} (default: all but {', '.join(ROAD_METRICS)})")
     p.add_argument("--methods", default=None, help="comma-separated subset of the run's methods (default: all)")
     p.add_argument("--morf-steps", type=int, default=10, help="MoRF/LeRF curve points: 0, 1/n, …, 100%% of pixels")
     p.add_argument("--insertion-steps", type=int, default=20, help="insertion at PI = 100/n, …, 100%% (20: 5%% steps)")
@@ -268,7 +280,14 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
                                                   .default_factory()),
                    help="methods whose LeRF ranking uses |map| (signed gradient maps)")
     p.add_argument("--border", type=int, default=16, help="IBD's border width in map pixels")
+    p.add_argument("--road-fractions", default=",".join(f"{f:g}" for f in ROAD_FRACTIONS),
+                   help="ROAD: comma-separated shares of pixels removed, each in [0, 1)")
+    p.add_argument("--road-noise", type=float, default=PIXEL_NOISE,
+                   help="ROAD: σ of the imputation noise in [0, 1] pixel units (the authors' 0.01)")
+    p.add_argument("--road-seed", type=int, default=0, help="ROAD: noise seed (per sample: crc32 of seed:key)")
     p.add_argument("--chunk-size", type=int, default=64, help="perturbed images per forward pass")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="compute precision of the perturbed images' forward passes (bf16/fp16: autocast)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None)
@@ -288,8 +307,17 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
     if a.border < 0:
         fail("--border must be non-negative")
     try:
+        road_fractions = [float(f) for f in a.road_fractions.split(",") if f.strip()]
+    except ValueError:
+        fail(f"--road-fractions: comma-separated numbers, got {a.road_fractions!r}")
+    if not road_fractions or any(not 0 <= f < 1 for f in road_fractions) \
+            or sorted(set(road_fractions)) != road_fractions:
+        fail(f"--road-fractions must be increasing values in [0, 1), got {a.road_fractions!r}")
+    if a.road_noise < 0:
+        fail("--road-noise must be non-negative")
+    try:
         source = attribution_run(a.attributions)
-    except JobError as exc:
+    except (JobError, StorageError) as exc:
         fail(str(exc))
     model, weights = source["config"]["model"], source["config"]["weights"]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
@@ -301,7 +329,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
                             metrics=[m for m in wanted if m in METRICS], methods=methods,
                             morf_steps=a.morf_steps, insertion_steps=a.insertion_steps,
                             lerf_abs_methods=[m for m in a.lerf_abs.split(",") if m], border=a.border,
-                            chunk_size=a.chunk_size, device=a.device)
+                            chunk_size=a.chunk_size, road_fractions=road_fractions, road_noise=a.road_noise,
+                            road_seed=a.road_seed, precision=a.precision, device=a.device)
     return EvaluateJobConfig(out=a.out, worker=worker, shards=a.shards,
                              dataset_metrics=[m for m in wanted if m in DATASET_METRICS], batch_size=a.batch_size,
                              workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
@@ -313,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         run(config)
-    except (JobError, AttributionError) as exc:
+    except (JobError, AttributionError, StorageError) as exc:
         fail(str(exc))
     return 0
 

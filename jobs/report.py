@@ -55,6 +55,7 @@ from jobs.reporting.tables import (
     table_label,
 )
 from workers.shards import resolve_filesystem, shard_name
+from workers.sink import StorageError
 
 SCREENSHOT_WIDTH, MAX_SCREENSHOT_HEIGHT = 1400, 20000
 REPORT_FILE_SUFFIXES = (".csv", ".md", ".png")
@@ -64,6 +65,14 @@ CURVE_AXES = {
              "softmax probability of the target"),
     "lerf": ("LeRF: target probability as the least relevant pixels are removed (AUC ↑)", "pixels removed (%)",
              "softmax probability of the target"),
+    "road_morf": ("ROAD MoRF: target probability, most relevant pixels imputed (AUC ↓)", "pixels removed (%)",
+                  "softmax probability of the target"),
+    "road_lerf": ("ROAD LeRF: target probability, least relevant pixels imputed (AUC ↑)", "pixels removed (%)",
+                  "softmax probability of the target"),
+    "road_morf_accuracy": ("ROAD MoRF: accuracy, most relevant pixels imputed (AUC ↓)", "pixels removed (%)",
+                           "share classified as the target"),
+    "road_lerf_accuracy": ("ROAD LeRF: accuracy, least relevant pixels imputed (AUC ↑)", "pixels removed (%)",
+                           "share classified as the target"),
     "insertion_accuracy": ("Insertion: Accuracy@PI (AUC ↑)", "pixels inserted into a black image, PI (%)",
                            "Accuracy@PI"),
     "insertion_softmax": ("Insertion: Softmax-Ratio@PI (AUC ↑)", "pixels inserted into a black image, PI (%)",
@@ -342,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     config = parse_args(argv)
     try:
         return build(config)
-    except (JobError, AttributionError) as exc:
+    except (JobError, AttributionError, StorageError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 

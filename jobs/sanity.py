@@ -39,13 +39,14 @@ import pyarrow.parquet as pq
 from attribution import models
 from attribution.errors import AttributionError
 from attribution.methods import REGISTRY, get_method
+from attribution.precision import PRECISIONS
 from jobs.common import JobError, actor_resources, ensure_ray, expand_shards, fail
 from schemas.attributions import ERROR_SCHEMA, validate_errors
 from schemas.metrics import SANITY_SCHEMA, validate_sanity
 from workers.decode import decode_batch
 from workers.sanity_worker import SANITY_TARGETS, SanityConfig, SanityWorker, grid_id
 from workers.shards import WebDatasetShards
-from workers.sink import OutputStore
+from workers.sink import OutputStore, StorageError
 
 OUTPUTS = ("sanity", "errors", "manifest.json", "sanity_maps.npz", "sanity_grid.png", "sanity_similarity.png")
 METRIC_TITLES = {"spearman_abs": "Spearman rank correlation of |map|", "spearman": "Spearman rank correlation of map",
@@ -78,6 +79,7 @@ def run(config: SanityJobConfig) -> dict:
 
     for method in config.worker.methods:  # option mistakes fail here, in one line, before any work starts
         get_method(method)(None)._check_options(config.worker.method_options.get(method, {}))
+        get_method(method).check_precision(config.worker.precision)
     blocks = _blocks(config.worker)
     uris = expand_shards(config.shards)
     store = OutputStore(config.out)
@@ -338,7 +340,8 @@ def _manifest(config: SanityJobConfig, uris: list[str], blocks: list[str]) -> di
         "job": "sanity", "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {"model": w.model, "weights": w.weights, "methods": w.methods, "method_options": w.method_options,
                    "targets": w.targets, "seed": w.seed, "steps": w.steps, "max_images": config.max_images,
-                   "grid_images": config.grid_images, "shards": uris},
+                   "grid_images": config.grid_images, "shards": uris,
+                   **({"precision": w.precision} if w.precision != "fp32" else {})},
         "blocks": blocks,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                      "pyarrow": pyarrow.__version__},
@@ -348,7 +351,8 @@ def _manifest(config: SanityJobConfig, uris: list[str], blocks: list[str]) -> di
 def parse_args(argv: list[str] | None = None) -> SanityJobConfig:
     """CLI -> SanityJobConfig; any bad argument exits with one error line."""
     p = argparse.ArgumentParser(prog="python -m jobs.sanity", description=__doc__.split("\n")[0])
-    p.add_argument("--shards", nargs="+", required=True, help="tar shards: brace patterns, globs, dirs, s3:// gs://")
+    p.add_argument("--shards", nargs="+", required=True,
+                   help="tar shards: brace patterns, globs, dirs, s3:// gs://, or comma-separated lists of those")
     p.add_argument("--model", required=True, help=f"one of {', '.join(models.MODEL_NAMES)}")
     p.add_argument("--weights", default=None, help="torchvision weights name, checkpoint path, or 'imagenet' "
                    "(efficientnet_lite0); default: random init")
@@ -361,6 +365,8 @@ def parse_args(argv: list[str] | None = None) -> SanityJobConfig:
     p.add_argument("--grid-images", type=int, default=2, help="images drawn in the figure grid (default 2)")
     p.add_argument("--seed", type=int, default=0, help="randomisation seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="randomise only the top N blocks (default: all)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="compute precision of the methods' passes (bf16/fp16: autocast); maps are float32")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-workers", "--workers", dest="workers", type=int, default=None,
                    help="actors (default: one per GPU, else 1)")
@@ -393,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> SanityJobConfig:
     if a.grid_images < 0 or (a.steps is not None and a.steps < 0):
         fail("--grid-images and --steps must not be negative")
     worker = SanityConfig(model=a.model, weights=a.weights, methods=methods, method_options=options,
-                          targets=a.targets, seed=a.seed, steps=a.steps, device=a.device)
+                          targets=a.targets, seed=a.seed, steps=a.steps, precision=a.precision, device=a.device)
     return SanityJobConfig(shards=a.shards, out=a.out, worker=worker, max_images=a.max_images,
                            grid_images=a.grid_images, batch_size=a.batch_size, workers=a.workers,
                            gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
@@ -405,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         run(config)
-    except (JobError, AttributionError) as exc:
+    except (JobError, AttributionError, StorageError) as exc:
         fail(str(exc))
     return 0
 

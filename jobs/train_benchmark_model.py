@@ -1,6 +1,6 @@
 """Train a small benchmark CNN on the procedural benchmark's shards and save a checkpoint ``models.load`` reads.
 
-    python -m jobs.train_benchmark_model --shards DIR --arch bench_resnet|bench_vgg --out PATH
+    python -m jobs.train_benchmark_model --shards DIR --arch bench_resnet|bench_vgg|bench_vgg_plain --out PATH
                                          [--epochs 10] [--seed 0] [--device cpu|cuda] [--batch-size 32]
                                          [--lr 0.003] [--threads N]
 

@@ -14,6 +14,10 @@ Metric names (``metric``), value and unit:
 ``morf`` / ``lerf``    AUC of the target's softmax probability while the most / least relevant pixels are removed
 ``insertion_accuracy`` AUC of Accuracy@PI (1 while the insertion image is still classified as the label)
 ``insertion_softmax``  AUC of Softmax-Ratio@PI (p̂_c / p_c on the insertion image)
+``road_morf`` / ``road_lerf``  ROAD (Rong et al. 2022): AUC of the target's softmax probability while the most /
+                       least relevant 10 … 90 % of the pixels are replaced by noisy linear imputation
+``road_morf_accuracy`` / ``road_lerf_accuracy``  the same steps' top-1 hits (1 while the imputed image is still
+                       classified as the target; their mean over images is ROAD's accuracy per step), AUC
 ``class_discrimination`` mean pairwise Spearman correlation of the top-5 class maps (target = top-1 class)
 ``seconds``            the method's time per image (from the attribution rows), seconds
 =====================  ==================================================================================
@@ -31,6 +35,7 @@ import pyarrow as pa
 from schemas.validation import validate_table
 
 METRIC_NAMES = ("ebpg", "ibd", "morf", "lerf", "insertion_accuracy", "insertion_softmax",
+                "road_morf", "road_lerf", "road_morf_accuracy", "road_lerf_accuracy",
                 "class_discrimination", "seconds")
 DATASET_METRIC_NAMES = ("fmi_prototype_accuracy",)
 

@@ -153,19 +153,6 @@ def test_linear_bias_map_is_the_target_bias(images):
     torch.testing.assert_close(layers["fc"][:, 0, 0], model.fc.bias[targets].detach())
 
 
-def test_final_map_is_input_plus_upsampled_layers(images):
-    spec = models.wrap(small_cnn())
-    targets = torch.tensor([0, 3, 1, 4])
-    result = attribute_with_extras("tr_gbp", spec, images, targets, return_layers=True)
-    layers = result.extras["layers"]
-    total = layers["input"].clone()
-    for name, m in layers.items():
-        if name != "input":
-            total += nn.functional.interpolate(m[:, None], size=(17, 17), mode="bilinear",
-                                               align_corners=False)[:, 0]
-    torch.testing.assert_close(result.maps, total, rtol=1e-5, atol=1e-6)
-
-
 def test_top5_maps_sum_to_zero_after_removal(images):
     spec = models.wrap(small_cnn())
     top5 = spec.module(images).topk(5, dim=1).indices
@@ -232,3 +219,155 @@ def test_caller_model_unchanged_by_bias_units(images):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(model(images), out)
     assert model.relu2.inplace
+
+
+# ---------------------------------------------------------------------------------------------- the readings
+def twin_parameter_gradients(model: SmallCNN, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """GBP gradients w.r.t. explicit ones-inputs that carry only the modules' own ``.bias`` parameters.
+
+    Nothing is folded: each conv has an extra ones channel at its input resolution with taps b_i / (kh·kw) (and
+    the constant shortfall at the zero-padded border, as in :func:`twin_bias_gradient`); each BatchNorm is
+    y = γ(h − μ)/√(σ² + ε) + β ⊙ 1, the ones map 1 [B, 1, H, W] at its own resolution (the −γμ/σ shift is a
+    constant of the layer, no ones-input); the fc is W h + b · 1 with a scalar ones-input per image. One forward,
+    one backward: returns unit name -> gradient (conv/BN [B, H, W], fc [B, 1, 1]) and the twin's logits.
+    """
+    def conv_with_ones(h, conv, ones):
+        k, stride = conv.weight.shape[-1], conv.stride
+        taps = (conv.bias.detach() / (k * k)).view(-1, 1, 1, 1).expand(-1, 1, k, k)
+        out = nn.functional.conv2d(torch.cat([h, ones], 1), torch.cat([conv.weight.detach(), taps], 1),
+                                   stride=stride, padding=1)
+        shortfall = conv.bias.detach().view(1, -1, 1, 1) - nn.functional.conv2d(ones.detach(), taps, stride=stride,
+                                                                                padding=1)
+        return out + shortfall
+
+    def batchnorm_with_ones(h, bn, ones):
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().view(1, -1, 1, 1)
+        return scale * (h - bn.running_mean.view(1, -1, 1, 1)) + bn.bias.detach().view(1, -1, 1, 1) * ones
+
+    b = x.shape[0]
+    ones = {"conv1": torch.ones(b, 1, *x.shape[-2:], requires_grad=True),
+            "bn1": torch.ones(b, 1, *x.shape[-2:], requires_grad=True),
+            "conv2": torch.ones(b, 1, *x.shape[-2:], requires_grad=True),
+            "bn2": torch.ones(b, 1, 9, 9, requires_grad=True),
+            "fc": torch.ones(b, 1, requires_grad=True)}
+    h = _GuidedReLU.apply(batchnorm_with_ones(conv_with_ones(x, model.conv1, ones["conv1"]), model.bn1, ones["bn1"]))
+    h = _GuidedReLU.apply(batchnorm_with_ones(conv_with_ones(h, model.conv2, ones["conv2"]), model.bn2, ones["bn2"]))
+    logits = h.mean(dim=(2, 3)) @ model.fc.weight.detach().T + model.fc.bias.detach() * ones["fc"]
+    grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), list(ones.values()))
+    out = {name: g[:, 0] if g.dim() == 4 else g.view(-1, 1, 1) for name, g in zip(ones, grads)}
+    out["logits"] = logits.detach()
+    return out
+
+
+def test_parameter_bias_terms_equal_the_own_bias_ones_input_twin(images):
+    """bias_terms="parameter": R_l of every conv/BN/fc bias parameter == the gradient w.r.t. its ones-input in
+    an explicit twin (conv biases at the conv's geometry, BatchNorm β as a 1x1 unit, nothing folded)."""
+    model = small_cnn()
+    targets = torch.tensor([0, 3, 1, 4])
+    twin = twin_parameter_gradients(model, images, targets)
+    torch.testing.assert_close(twin.pop("logits"), model(images).detach(), rtol=1e-5, atol=1e-5)
+    layers = attribute_with_extras("tr_gbp", models.wrap(model), images, targets, bias_terms="parameter",
+                                   remove_shared=False, return_layers=True).extras["layers"]
+    assert set(layers) == set(twin) | {"input"}
+    for name, expected in twin.items():
+        assert expected.abs().max() > 1e-6, name
+        # float32 sums of at most C·k·k = 54 products per position: rtol ~ 54·eps ≈ 6e-6
+        torch.testing.assert_close(layers[name], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()),
+                                   msg=name)
+    # β of bn2 is a 1x1 unit: its map is Σ_c g_c β_c at bn2's own 9x9 resolution
+    assert layers["bn2"].shape == (4, 9, 9)
+
+
+def test_parameter_equals_effective_without_batchnorm(images):
+    spec = models.wrap(small_cnn(batchnorm=False))
+    targets = torch.tensor([[0, 2], [3, 1], [1, 4], [4, 0]])
+    eff = attribute_with_extras("tr_gbp", spec, images, targets, return_layers=True)
+    par = attribute_with_extras("tr_gbp", spec, images, targets, bias_terms="parameter", return_layers=True)
+    assert set(eff.extras["layers"]) == set(par.extras["layers"]) == {"conv1", "conv2", "fc", "input"}
+    torch.testing.assert_close(par.maps, eff.maps, rtol=0, atol=0)
+
+
+def test_parameter_differs_from_effective_with_batchnorm(images):
+    spec = models.wrap(small_cnn())
+    targets = torch.tensor([0, 3, 1, 4])
+    eff = attribute("tr_gbp", spec, images, targets)
+    par = attribute("tr_gbp", spec, images, targets, bias_terms="parameter")
+    assert (par - eff).abs().max() > 1e-3 * eff.abs().max()
+
+
+def test_bias_terms_none_is_biases_false(images):
+    spec = models.wrap(small_cnn())
+    targets = torch.tensor([0, 3, 1, 4])
+    torch.testing.assert_close(attribute("tr_gbp", spec, images, targets, bias_terms="none"),
+                               attribute("tr_gbp", spec, images, targets, biases=False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias_terms", ["effective", "parameter"])
+def test_layer_norm_max_keeps_the_removal_summing_to_zero(images, bias_terms):
+    spec = models.wrap(small_cnn())
+    top5 = spec.module(images).topk(5, dim=1).indices
+    result = attribute_with_extras("tr_gbp", spec, images, top5, bias_terms=bias_terms, layer_norm="max",
+                                   return_layers=True)
+    assert result.maps.shape == (4, 5, 17, 17)
+    # the top-5 maps are a mean-removed set: they sum to 0 (float32, 5 terms)
+    assert result.maps.sum(dim=1).abs().max() < 1e-5 * result.maps.abs().max()
+    raw = attribute_with_extras("tr_gbp", spec, images, top5, bias_terms=bias_terms, layer_norm="max",
+                                remove_shared=False, return_layers=True).extras["layers"]
+    for name, term in raw.items():  # every term, R_0 included, has max |R_l| = 1 over the image's top-5 maps
+        torch.testing.assert_close(term.abs().amax(dim=(1, 2, 3)), torch.ones(4), rtol=1e-6, atol=0, msg=name)
+        removed = result.extras["layers"][name]
+        torch.testing.assert_close(removed, term - term.mean(dim=1, keepdim=True), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_layer_norm_max_divisor_comes_from_the_top5_whatever_the_targets(images):
+    """A target's map does not depend on which other targets are asked for: the divisor is the top-5's."""
+    spec = models.wrap(small_cnn())
+    top5 = spec.module(images).topk(5, dim=1).indices
+    all5 = attribute("tr_gbp", spec, images, top5, layer_norm="max", remove_shared=False)
+    one = attribute("tr_gbp", spec, images, top5[:, 2], layer_norm="max", remove_shared=False)
+    torch.testing.assert_close(one, all5[:, 2], rtol=1e-6, atol=1e-7)
+    # and the divisor changes the result: without it the terms keep their own scales
+    plain = attribute("tr_gbp", spec, images, top5[:, 2], remove_shared=False)
+    assert (plain - one).abs().max() > 1e-3 * plain.abs().max()
+
+
+def test_input_term_gradient_x_input_on_a_bias_free_net(images):
+    """input_term="gradient_x_input" without biases == Σ_c x ⊙ (independent guided gradient)."""
+    model = small_cnn(bias=False, batchnorm=False)
+    targets = torch.tensor([0, 3, 1, 4])
+    x = images.clone().requires_grad_(True)
+    h = _GuidedReLU.apply(nn.functional.conv2d(x, model.conv1.weight, padding=1))
+    h = _GuidedReLU.apply(nn.functional.conv2d(h, model.conv2.weight, stride=2, padding=1))
+    logits = model.fc(h.mean(dim=(2, 3)))
+    (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x)
+    expected = (images * grad).sum(dim=1)
+    ours = attribute("tr_gbp", models.wrap(model), images, targets, input_term="gradient_x_input",
+                     remove_shared=False)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    # the independent guided gradient is the one behind the project's gbp map (summed over colours)
+    gbp = attribute("gbp", models.wrap(model), images, targets)
+    torch.testing.assert_close(gbp, grad.sum(dim=1), rtol=1e-5, atol=1e-6 * float(gbp.abs().max()))
+
+
+@pytest.mark.parametrize("options", [{}, {"bias_terms": "parameter"}, {"layer_norm": "max"},
+                                     {"input_term": "gradient_x_input", "layer_norm": "max"}])
+def test_final_map_is_input_plus_upsampled_layers_for_every_reading(images, options):
+    spec = models.wrap(small_cnn())
+    targets = torch.tensor([0, 3, 1, 4])
+    result = attribute_with_extras("tr_gbp", spec, images, targets, return_layers=True, **options)
+    layers = result.extras["layers"]
+    total = layers["input"].clone()
+    for name, m in layers.items():
+        if name != "input":
+            total += nn.functional.interpolate(m[:, None], size=(17, 17), mode="bilinear",
+                                               align_corners=False)[:, 0]
+    torch.testing.assert_close(result.maps, total, rtol=1e-5, atol=1e-6 * float(total.abs().max()))
+
+
+@pytest.mark.parametrize("options", [{"bias_terms": "folded"}, {"layer_norm": "l2"}, {"input_term": "x"},
+                                     {"biases": False, "bias_terms": "parameter"}])
+def test_unknown_readings_are_refused(images, options):
+    from attribution.errors import AttributionError
+    with pytest.raises(AttributionError, match="tr_gbp"):
+        attribute("tr_gbp", models.wrap(small_cnn()), images, torch.tensor([0, 1, 2, 3]), **options)

@@ -13,6 +13,7 @@ import torch
 from attribution import models
 from attribution.errors import error_reason
 from attribution.methods import attribute_with_extras, get_method
+from attribution.precision import compute_precision
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from workers.decode import DECODED_SCHEMA
 
@@ -21,7 +22,8 @@ TARGET_KINDS = ("label", "top1", "top5")
 
 @dataclass
 class WorkerConfig:
-    """What every actor of a run computes: model, methods with their options, targets, storage dtype."""
+    """What every actor of a run computes: model, methods with their options, targets, storage dtype, and the
+    compute ``precision`` of the top-k forward and of every method (attribution.precision)."""
 
     model: str
     weights: str | None = None
@@ -29,6 +31,7 @@ class WorkerConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: str = "top1"
     map_dtype: str = "float16"
+    precision: str = "fp32"
     fmi: bool = False
     layers: bool = False
     device: str | None = None
@@ -61,7 +64,7 @@ class AttributionWorker:
         device = torch.device(config.device) if config.device else models.default_device()
         self.spec = models.load(config.model, config.weights, device=device)
         for method in config.methods:
-            get_method(method)  # unknown names fail here, once, not per batch
+            get_method(method).check_precision(config.precision)  # unknown names, refused precisions: once, here
         self.size = self.spec.preprocessing.input_size
         self.schema = attribution_schema(self.size, config.map_dtype)
         self.calls = 0
@@ -90,8 +93,8 @@ class AttributionWorker:
         spec = self.spec
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).to(spec.device)
         images = spec.preprocessing.normalise(pixels.float() / 255.0)
-        with torch.no_grad():
-            probs = spec.module(images).softmax(dim=1)
+        with torch.no_grad(), compute_precision(self.config.precision, spec.device):
+            probs = spec.module(images).float().softmax(dim=1)
         k = min(5, probs.shape[1])
         top_prob, top = probs.topk(k, dim=1)
         targets, valid = self._targets(batch, good, top, probs.shape[1], errors)
@@ -99,16 +102,39 @@ class AttributionWorker:
             return
         images, targets = images[valid], targets[valid]
         chosen = [good[v] for v in valid]
+        # one device -> host copy per batch for what every row repeats
+        targets_host, top_host, prob_host = targets.tolist(), top[valid].tolist(), top_prob[valid].tolist()
         for method in self.config.methods:
             options = self.config.options_for(method)
             start = time.perf_counter()
             results = self._run_method(method, images, targets, options, chosen, batch, errors)
             seconds = (time.perf_counter() - start) / len(chosen)
-            for j, result in results.items():
+            if not results:
+                continue
+            done = sorted(results)
+            host = self._to_host([results[j] for j in done])
+            for n, j in enumerate(done):
                 i = chosen[j]
-                for t in range(targets.shape[1]):
-                    rows[i].append(self._row(batch, i, method, options, int(targets[j, t]),
-                                             top[valid[j]], top_prob[valid[j]], result, t, seconds))
+                for t, target in enumerate(targets_host[j]):
+                    rows[i].append(self._row(batch, i, method, options, target, top_host[j], prob_host[j],
+                                             host, n, t, seconds))
+
+    def _to_host(self, results: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
+        """The maps of one method for J samples ([T, S, S] each, on the device) as host arrays, in one copy
+        per kind: ``map`` [J, T, S, S] divided by ``scale`` [J, T] (max |map|, 1 where that is 0 or not finite)
+        and cast to the storage dtype; ``fmi`` [J, T, K] and ``layers`` {name: [J, T, h, w]} when present."""
+        maps = torch.stack([m for m, _ in results]).float()
+        scale = maps.abs().amax(dim=(-2, -1))
+        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+        host: dict[str, Any] = {"map": (maps / scale[..., None, None]).cpu().numpy().astype(self.config.map_dtype),
+                                "scale": scale.cpu().numpy()}
+        extras = [e for _, e in results]
+        if extras[0].get("fmi") is not None:
+            host["fmi"] = torch.stack([e["fmi"] for e in extras]).float().cpu().numpy()
+        if extras[0].get("layers") is not None:
+            host["layers"] = {name: torch.stack([e["layers"][name] for e in extras]).float().cpu().numpy()
+                              for name in extras[0]["layers"]}
+        return host
 
     def _targets(self, batch, good, top, num_classes, errors) -> tuple[torch.Tensor, list[int]]:
         kind = self.config.targets
@@ -129,29 +155,27 @@ class AttributionWorker:
     def _run_method(self, method, images, targets, options, chosen, batch, errors) -> dict[int, Any]:
         """{position in batch: (maps [T,S,S], extras)}; failures become error rows."""
         try:
-            result = attribute_with_extras(method, self.spec, images, targets, **options)
+            result = attribute_with_extras(method, self.spec, images, targets, precision=self.config.precision,
+                                           **options)
             return {j: _slice(result, j) for j in range(len(chosen))}
         except Exception:  # noqa: BLE001 -- any failure of one method on one batch becomes error rows
             pass  # find the culprit(s): retry one sample at a time
         out = {}
         for j in range(len(chosen)):
             try:
-                result = attribute_with_extras(method, self.spec, images[j:j + 1], targets[j:j + 1], **options)
+                result = attribute_with_extras(method, self.spec, images[j:j + 1], targets[j:j + 1],
+                                               precision=self.config.precision, **options)
                 out[j] = _slice(result, 0)
             except Exception as exc:  # noqa: BLE001
                 errors[chosen[j]].append(self._error(batch, chosen[j], "attribute", method, error_reason(exc)))
         return out
 
-    def _row(self, batch, i, method, options, target, top, top_prob, result, t, seconds) -> dict:
-        maps, extras = result
-        values = maps[t].float()
-        scale = float(values.abs().max())
-        scale = scale if scale > 0 and np.isfinite(scale) else 1.0
-        stored = (values / scale).cpu().numpy().astype(self.config.map_dtype)
-        top_list = top.tolist() + [-1] * (5 - len(top))
-        prob_list = top_prob.tolist() + [0.0] * (5 - len(top_prob))
-        fmi = extras.get("fmi")
-        layers = extras.get("layers")
+    def _row(self, batch, i, method, options, target: int, top: list[int], top_prob: list[float],
+             host: dict[str, Any], n: int, t: int, seconds: float) -> dict:
+        """Row of schemas.attributions for sample ``i``'s target column ``t`` (the n-th sample of ``host``)."""
+        top_list = top + [-1] * (5 - len(top))
+        prob_list = top_prob + [0.0] * (5 - len(top_prob))
+        layers = host.get("layers")
         return {
             "key": batch["key"][i], "shard": batch["shard"][i], "model": self.config.model,
             "weights": self.config.weights, "method": method, "options": _options_json(options),
@@ -160,11 +184,10 @@ class AttributionWorker:
             "label": int(batch["label"][i]), "wnid": batch["wnid"][i], "top5": top_list, "top5_prob": prob_list,
             "width": int(batch["width"][i]), "height": int(batch["height"][i]),
             "bboxes": json.loads(batch["bboxes"][i]), "bboxes_input": json.loads(batch["bboxes_input"][i]),
-            "map": stored, "map_scale": scale,
-            "fmi": fmi[t].float().cpu().tolist() if fmi is not None else None,
-            "layers": [{"name": name, "height": m.shape[-2], "width": m.shape[-1],
-                        "values": m[t].float().cpu().flatten().tolist()} for name, m in layers.items()]
-            if layers is not None else None,
+            "map": host["map"][n, t], "map_scale": float(host["scale"][n, t]),
+            "fmi": host["fmi"][n, t].tolist() if "fmi" in host else None,
+            "layers": [{"name": name, "height": m.shape[-2], "width": m.shape[-1], "values": m[n, t].ravel().tolist()}
+                       for name, m in layers.items()] if layers is not None else None,
             "seconds": seconds,
         }
 

@@ -10,6 +10,7 @@ The map-only metrics come from workers.map_metrics (the same function serves job
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,11 @@ import pyarrow.parquet as pq
 import torch
 
 from attribution import models
+from attribution.errors import error_reason
+from attribution.precision import compute_precision
 from attribution.metrics.perturbation import black_baseline, curve_auc, perturbation_curves, pixel_order
+from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
+from attribution.metrics.road import PIXEL_NOISE, noise_for, road_curves
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
 from workers.attribution_worker import ipc_blob
 from workers.decode import DECODED_SCHEMA
@@ -28,8 +33,9 @@ from workers.map_metrics import (ATTRIBUTION_COLUMNS, MAP_METRICS, RowContext, m
                                  sort_attribution_rows)
 from workers.sink import OutputStore, maps_of
 
-MODEL_METRICS = ("morf", "lerf", "insertion")
+MODEL_METRICS = ("morf", "lerf", "insertion", "road_morf", "road_lerf")
 METRICS = MAP_METRICS + MODEL_METRICS
+DEFAULT_METRICS = tuple(m for m in METRICS if not m.startswith("road_"))  # ROAD (CG solves) is opt-in
 LERF_ABS_METHODS = ("gbp", "gig")  # TR-GBP App. D: signed gradient maps are ranked by |map| for LeRF
 
 
@@ -40,19 +46,27 @@ class EvaluateConfig:
     ``attributions``: the attribution run's output directory; ``model``/``weights``: the model it used (the job
     reads them from that run's manifest); ``methods``: None = every method found; ``morf_steps``: MoRF/LeRF curves
     at fractions 0, 1/n, …, 1 of the pixels; ``insertion_steps``: insertion at PI = 100/n, 2·100/n, …, 100 %
-    (n = 20: the A-FMI paper's 5, 10, …, 100 %); ``border``: IBD's frame width in map pixels.
+    (n = 20: the A-FMI paper's 5, 10, …, 100 %); ``border``: IBD's frame width in map pixels; ``road_fractions``:
+    the shares of pixels ROAD removes (default 0.1 … 0.9); ``road_noise``: its σ in [0, 1] pixel units (the
+    authors' 0.01; divided by the preprocessing std for the normalised images); ``road_seed``: a sample's noise
+    comes from crc32(f"{road_seed}:{key}") (then attribution.metrics.road.step_seed per order and step), so it is
+    the same for every method, batch composition and rerun.
     """
 
     attributions: str
     model: str
     weights: str | None = None
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     methods: list[str] | None = None
     morf_steps: int = 10
     insertion_steps: int = 20
     lerf_abs_methods: list[str] = field(default_factory=lambda: list(LERF_ABS_METHODS))
     border: int = 16
     chunk_size: int = 64
+    precision: str = "fp32"
+    road_fractions: list[float] = field(default_factory=lambda: list(ROAD_FRACTIONS))
+    road_noise: float = PIXEL_NOISE
+    road_seed: int = 0
     device: str | None = None
     threads: int | None = None
 
@@ -96,15 +110,14 @@ class EvaluateWorker:
         if good:
             try:
                 self._evaluate(batch, good, rows, errors)
-            except (RuntimeError, ValueError, KeyError, IndexError, OSError):
+            except Exception:  # noqa: BLE001 -- a failure on one batch becomes error rows, not a failed job
                 for i in good:  # find the culprit(s): retry one sample at a time
                     rows[i], errors[i] = [], []
                     try:
                         self._evaluate(batch, [i], rows, errors)
-                    except (RuntimeError, ValueError, KeyError, IndexError, OSError) as exc:
+                    except Exception as exc:  # noqa: BLE001
                         rows[i] = []
-                        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                        errors[i].append(_error(batch, i, "evaluate", reason))
+                        errors[i].append(_error(batch, i, "evaluate", error_reason(exc)))
         return {
             "key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
             "metrics": np.array([ipc_blob(r, METRIC_SCHEMA) for r in rows], dtype=object),
@@ -134,7 +147,8 @@ class EvaluateWorker:
         wanted = set(self.config.metrics)
         out = map_metric_rows(context, maps, self.config.metrics, self.config.border)
         if wanted & set(MODEL_METRICS):
-            out += self._perturbation(context, maps, images, image_of, wanted)
+            with compute_precision(self.config.precision, device):  # the perturbed images' forward passes
+                out += self._perturbation(context, maps, images, image_of, wanted)
         for r, row in out:
             rows[sample_of[r]].append(row)
 
@@ -158,7 +172,7 @@ class EvaluateWorker:
     # ------------------------------------------------------------------------------------------------ metrics
     def _perturbation(self, context: RowContext, maps: torch.Tensor, images: torch.Tensor, image_of: list[int],
                       wanted: set[str]) -> list[tuple[int, dict]]:
-        """MoRF/LeRF/insertion of the primary maps (see RowContext.primary)."""
+        """MoRF/LeRF/insertion/ROAD of the primary maps (see RowContext.primary)."""
         primary = context.primary()
         if not primary:
             return []
@@ -188,6 +202,17 @@ class EvaluateWorker:
                 reference = spec.module(imgs).softmax(dim=1).gather(1, targets[:, None])
             out += self._curve_rows(context, primary, "insertion_accuracy", curves["top1"], fractions)
             out += self._curve_rows(context, primary, "insertion_softmax", curves["prob"] / reference, fractions)
+        orders = [name[len("road_"):] for name in ("road_morf", "road_lerf") if name in wanted]
+        if orders:
+            fractions = list(cfg.road_fractions)
+            by_abs = torch.tensor([context.meta["method"][r] in cfg.lerf_abs_methods for r in primary])
+            seeds = [zlib.crc32(f"{cfg.road_seed}:{context.meta['key'][r]}".encode()) for r in primary]
+            road = road_curves(spec.module, imgs, m, targets, fractions, orders=orders, lerf_by_abs=by_abs,
+                               noise=noise_for(spec.preprocessing, cfg.road_noise), seeds=seeds,
+                               chunk_size=cfg.chunk_size)
+            for order in orders:  # probability AUC; and the top-1 hits, whose mean over images is the accuracy
+                out += self._curve_rows(context, primary, f"road_{order}", road[order]["prob"], fractions)
+                out += self._curve_rows(context, primary, f"road_{order}_accuracy", road[order]["top1"], fractions)
         return out
 
     @staticmethod
@@ -203,4 +228,4 @@ def _error(batch: dict[str, Any], i: int, stage: str, reason: str) -> dict:
     return {"key": batch["key"][i], "shard": batch["shard"][i], "stage": stage, "method": None, "reason": reason}
 
 
-__all__ = ["EvaluateConfig", "EvaluateWorker", "LERF_ABS_METHODS", "METRICS"]
+__all__ = ["DEFAULT_METRICS", "EvaluateConfig", "EvaluateWorker", "LERF_ABS_METHODS", "METRICS"]

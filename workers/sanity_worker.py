@@ -13,6 +13,7 @@ import torch
 from attribution import models
 from attribution.errors import AttributionError, error_reason
 from attribution.methods import get_method
+from attribution.precision import compute_precision
 from attribution.sanity import cascading_maps, randomisation_blocks, similarity_to_original
 from schemas.attributions import ERROR_SCHEMA
 from schemas.metrics import SANITY_SCHEMA
@@ -42,6 +43,7 @@ class SanityConfig:
     grid_keys: list[str] = field(default_factory=list)
     device: str | None = None
     threads: int | None = None
+    precision: str = "fp32"
 
 
 def grid_id(shard: str, key: str) -> str:
@@ -110,7 +112,8 @@ class SanityWorker:
             return
         images, targets = images[valid], targets[valid]
         chosen = [good[j] for j in valid]
-        maps = self._maps(images, targets, chosen, batch, errors)  # [S+1, M, B, H, W], NaN where a method failed
+        with compute_precision(self.config.precision, spec.device):  # every method of the cascade inherits it
+            maps = self._maps(images, targets, chosen, batch, errors)  # [S+1, M, B, H, W], NaN where a method failed
         scores = similarity_to_original(maps)
         names = [""] + self.blocks
         for m, method in enumerate(self.config.methods):

@@ -15,6 +15,10 @@ moves the shard's parts into place and then writes the commit record. A rerun tr
 everything of an uncommitted shard is deleted and recomputed. Parts written by a retried task that never
 reported back are never listed in a commit, so they never reach a reader. Readers (``pandas.read_parquet`` on
 ``attributions/``, DuckDB, :func:`read_table`) see whole shards, once a run has finished.
+
+On object stores (``s3://``, ``gs://``) a move is a copy and a delete, not atomic; the commit still is: the record
+is one object written (as a whole) after every part is in place, and only records count. tests/test_object_store.py
+kills a run on a local S3 server and resumes it.
 """
 from __future__ import annotations
 
@@ -41,6 +45,11 @@ SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("shard_total", pa.int64()),
 ROW_GROUP_SIZE = 256  # rows are written sorted by key in small row groups, so a key filter reads little
 
 
+class StorageError(OSError):
+    """An output location that cannot be reached or written (no such bucket, no credentials, endpoint down): the
+    jobs report it as one line naming the location."""
+
+
 @dataclass
 class OutputStore:
     """An output directory with the layout above."""
@@ -55,8 +64,12 @@ class OutputStore:
         return posixpath.join(self.root, *parts)
 
     def ensure(self) -> None:
-        """Create the root directory (no-op on object stores)."""
-        self.fs.create_dir(self.root, recursive=True)
+        """Create the root directory (on object stores: its marker; the bucket must exist). StorageError when the
+        location cannot be written."""
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+        except OSError as exc:
+            raise StorageError(f"cannot write to {self.uri}: {_first_line(exc)}") from None
 
     def committed(self) -> dict[str, dict]:
         """{shard name: its commit record} for every committed shard."""
@@ -107,8 +120,12 @@ class OutputStore:
         self.fs.move(tmp, self.path(rel))
 
     def read_json(self, rel: str) -> dict | None:
-        """The JSON document at ``rel``, or None when absent."""
-        if self.fs.get_file_info(self.path(rel)).type != pafs.FileType.File:
+        """The JSON document at ``rel``, or None when absent. StorageError when the location cannot be read."""
+        try:
+            info = self.fs.get_file_info(self.path(rel))
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri}: {_first_line(exc)}") from None
+        if info.type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(self.path(rel)) as f:
             return json.loads(f.read())
@@ -122,6 +139,11 @@ class OutputStore:
         if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
             return []
         return self.fs.get_file_info(pafs.FileSelector(directory))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def read_table(uri: str, kind: str = "attributions") -> pa.Table:

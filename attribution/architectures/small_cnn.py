@@ -1,8 +1,9 @@
 """Small CNNs for the procedural benchmark (:mod:`attribution.data.benchmark`), trainable on a CPU in minutes.
 
-Both are conv + BatchNorm + ReLU networks whose biases are the BatchNorm shifts (convs feeding a BatchNorm have
-no bias of their own: it would be redundant, and TR-GBP folds the BatchNorm into the conv anyway) plus the
-biases of the linear layers. Every activation is its own, non-in-place ``nn.ReLU`` module, called as a module,
+``bench_resnet`` and ``bench_vgg`` are conv + BatchNorm + ReLU networks whose biases are the BatchNorm shifts
+(convs feeding a BatchNorm have no bias of their own: it would be redundant, and TR-GBP folds the BatchNorm into
+the conv anyway) plus the biases of the linear layers; ``bench_vgg_plain`` has no BatchNorm and plain conv biases
+(the case of the TR-GBP paper's torchvision VGG16). Every activation is its own, non-in-place ``nn.ReLU`` module, called as a module,
 so guided/secant/LRP rules attach per call site. ``module(x) == module.head(module.features(x))``.
 
 - ``bench_resnet``: a 3x3 stride-2 stem (16 channels), then three residual basic blocks (widths 32, 64, 128,
@@ -13,6 +14,8 @@ so guided/secant/LRP rules attach per call site. ``module(x) == module.head(modu
   average pool to ``input_size // 16`` (the identity at the training size), flatten, and a 3-layer FC head
   Linear-ReLU-Linear-ReLU-Linear (256, 256 hidden units), so A-FMI's secant rule has ReLUs to act on. Target
   layer: the last max pool (as the zoo's VGG split).
+- ``bench_vgg_plain``: ``bench_vgg`` with every conv + BatchNorm replaced by a conv with its own bias (zero at
+  initialisation, as torchvision's VGG) + ReLU, no normalisation anywhere; same head, same target layer.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-ARCHITECTURES: tuple[str, ...] = ("bench_resnet", "bench_vgg")
+ARCHITECTURES: tuple[str, ...] = ("bench_resnet", "bench_vgg", "bench_vgg_plain")
 RESNET_WIDTHS = (16, 32, 64, 128)     # stem, layer1, layer2, layer3
 VGG_WIDTHS = (8, 16, 32, 64)
 VGG_CONVS = (1, 1, 2, 2)
@@ -94,13 +97,17 @@ def bench_resnet(num_classes: int, input_size: int = 112) -> SmallCNN:
     return model
 
 
-def bench_vgg(num_classes: int, input_size: int = 112) -> SmallCNN:
-    """The VGG-style benchmark model (see the module docstring) for ``num_classes`` classes."""
+def bench_vgg(num_classes: int, input_size: int = 112, *, batchnorm: bool = True) -> SmallCNN:
+    """The VGG-style benchmark model (see the module docstring) for ``num_classes`` classes; ``batchnorm=False``
+    gives ``bench_vgg_plain`` (conv biases, no BatchNorm)."""
     layers: list[nn.Module] = []
     c_in = 3
     for width, convs in zip(VGG_WIDTHS, VGG_CONVS):
         for _ in range(convs):
-            layers += [nn.Conv2d(c_in, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            if batchnorm:
+                layers += [nn.Conv2d(c_in, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            else:
+                layers += [nn.Conv2d(c_in, width, 3, 1, 1, bias=True), nn.ReLU()]
             c_in = width
         layers.append(nn.MaxPool2d(2, 2))
     features = nn.Sequential(*layers)
@@ -111,25 +118,29 @@ def bench_vgg(num_classes: int, input_size: int = 112) -> SmallCNN:
         ("fc2", nn.Linear(VGG_HIDDEN, VGG_HIDDEN)), ("relu2", nn.ReLU()),
         ("fc3", nn.Linear(VGG_HIDDEN, num_classes)),
     ]))
-    model = SmallCNN("bench_vgg", features, head, num_classes, input_size)
+    model = SmallCNN("bench_vgg" if batchnorm else "bench_vgg_plain", features, head, num_classes, input_size)
     _init(model)
     return model
 
 
 def build(arch: str, num_classes: int, input_size: int = 112) -> SmallCNN:
-    """``bench_resnet`` or ``bench_vgg`` with random weights from torch's global generator."""
+    """``bench_resnet``, ``bench_vgg`` or ``bench_vgg_plain`` with random weights from torch's global generator."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown benchmark architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     if num_classes < 2 or input_size < FEATURE_STRIDE:
         raise ValueError(f"{arch}: need num_classes >= 2 and input_size >= {FEATURE_STRIDE}, "
                          f"got {num_classes} and {input_size}")
-    return (bench_resnet if arch == "bench_resnet" else bench_vgg)(num_classes, input_size)
+    if arch == "bench_resnet":
+        return bench_resnet(num_classes, input_size)
+    return bench_vgg(num_classes, input_size, batchnorm=arch == "bench_vgg")
 
 
 def _init(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

@@ -16,19 +16,20 @@ class Backprop:
 
     ``rule``: None (plain gradients) or "guided". ``on_unit(unit, grad)``: when given, the biased affine units
     are recorded (``units``) and the callback gets the gradient at each unit's output during every backward
-    pass (TR-GBP). After construction, ``logits`` [B, K] are available; :meth:`input_gradients` yields, per
-    class column [B], the gradient w.r.t. the images [B, C, H, W].
+    pass (TR-GBP); ``fold_batchnorm`` is passed to :func:`attribution.hooks.bias_units`. After construction,
+    ``logits`` [B, K] are available; :meth:`input_gradients` yields, per class column [B], the gradient w.r.t.
+    the images [B, C, H, W].
     """
 
     def __init__(self, model: nn.Module, images: Tensor, rule: str | None = None,
-                 on_unit: Callable[[BiasUnit, Tensor], None] | None = None) -> None:
+                 on_unit: Callable[[BiasUnit, Tensor], None] | None = None, fold_batchnorm: bool = True) -> None:
         self.images = images.detach().requires_grad_(True)
         self.units: list[BiasUnit] = []
         with ExitStack() as stack:
             if rule is not None:
                 stack.enter_context(activation_rule(model, rule))
             if on_unit is not None:
-                self.units = stack.enter_context(bias_units(model, on_unit))
+                self.units = stack.enter_context(bias_units(model, on_unit, fold_batchnorm=fold_batchnorm))
             self.logits = model(self.images)
         if self.logits.dim() != 2:
             raise ValueError(f"model output must be logits [B, K], got {tuple(self.logits.shape)}")

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from attribution.errors import AttributionError
 from attribution.models import ModelSpec
+from attribution.methods.precisions import allowed_precisions, refusal_reason
+from attribution.precision import check_precision, compute_precision, current_precision
 
 
 @dataclass
@@ -37,12 +39,18 @@ class Method:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 
-    def attribute(self, images: Tensor, targets: Tensor | int | list[int], /, **options: Any) -> Attribution:
+    def attribute(self, images: Tensor, targets: Tensor | int | list[int], /, *, precision: str | None = None,
+                  **options: Any) -> Attribution:
         """Maps for each (image, target) pair; see the class docstring for shapes. ``images`` and ``targets`` are
-        positional-only, so a method may have an option of any name."""
+        positional-only, so a method may have an option of any name.
+
+        ``precision``: ``fp32`` | ``tf32`` | ``bf16`` | ``fp16`` (:mod:`attribution.precision`) for the method's
+        forward and backward passes; None = the enclosing call's (``fp32`` at top level). Maps are float32
+        whatever the precision; a precision outside the method's :meth:`precisions` is refused in one line."""
+        precision = self.check_precision(precision or current_precision())
         self._check_options(options)
         images, targets2d, per_pair = validate_inputs(self.spec, images, targets, self.name)
-        with torch.enable_grad():
+        with torch.enable_grad(), compute_precision(precision, images.device):
             result = self._attribute(images, targets2d, **options)
         result.maps = result.maps.to(torch.float32)
         if per_pair:
@@ -52,6 +60,21 @@ class Method:
 
     def _attribute(self, images: Tensor, targets: Tensor, **options: Any) -> Attribution:
         raise NotImplementedError
+
+    @classmethod
+    def precisions(cls) -> tuple[str, ...]:
+        """The compute precisions the method may run in, from the measured deviation from fp32
+        (:mod:`attribution.methods.precisions`)."""
+        return allowed_precisions(cls.name)
+
+    @classmethod
+    def check_precision(cls, precision: str) -> str:
+        """``precision`` if the method may run in it, else one AttributionError line saying why not."""
+        check_precision(precision)
+        if precision not in cls.precisions():
+            raise AttributionError(f"{cls.name}: precision {precision!r} is refused: "
+                                   f"{refusal_reason(cls.name, precision)}; use {', '.join(cls.precisions())}")
+        return precision
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

@@ -10,13 +10,21 @@ map are clipped.
 **EBPG** (Wang et al. 2020, Score-CAM; TR-GBP §5.3.1 eq. 11, App. C): share of the attribution energy inside
 the ground-truth box(es), sum_{inside} R⁺ / sum R⁺, with R⁺ = max(R, 0) (``clamp=True``, the default: Score-CAM
 evaluates non-negative maps, and a signed map's negative part is evidence *against* the class, not energy; the
-ratio of signed sums is not a share). An all-zero map (after clamping) has no energy: NaN.
+ratio of signed sums is not a share).
+
+**A map with no positive pixel** (all-zero after clamping: e.g. a TR-GBP map that is negative everywhere) has no
+energy to share, so its EBPG and IBD are undefined: NaN, not 0. Decision: such maps are *left out* of the
+dataset protocols and *counted* (jobs.reporting.aggregates' ``left_out``, named in the report table's notes),
+rather than scored 0 as Quantus does (``AttributionLocalisation`` divides by sum + 1e-9). A 0 would read as "all
+the energy is outside the box" for EBPG and as "no boundary dependency" for IBD — where IBD-AUC's protocol then
+discards it as one of the smallest IBDs — i.e. a claim about energy that does not exist. ``has_energy`` tells
+which maps these are.
 
 **IBD** (TR-GBP §5.4 eq. 12): the same ratio for the ``border``-pixel frame of the map (rows < b or >= H - b,
 columns < b or >= W - b; b = 16 on 224x224, so a uniform map gives 1 - (192/224)²). The paper writes the plain
 sums of R; its maps are compared where positive attributions live (its figures show relu(R~)), and a ratio of
 signed sums can leave [0, 1] or divide by ~0. Choice: negatives clamped to 0 by default, as EBPG
-(``clamp=False`` uses the signed sums as written). NaN for an all-zero map.
+(``clamp=False`` uses the signed sums as written). NaN for a map with no positive pixel (see above).
 
 **EBPG protocol filter** (TR-GBP App. C after Wang et al.): images with exactly one box that covers less than half
 of the image (:func:`ebpg_eligible`, area in original pixels).
@@ -81,10 +89,20 @@ def _check_maps(maps: Tensor, where: str) -> None:
                                f"{tuple(getattr(maps, 'shape', ())) or type(maps).__name__}")
 
 
+def has_energy(maps: Tensor, *, clamp: bool = True) -> Tensor:
+    """bool [N]: True where map [N, H, W] has energy to share, i.e. its (clamped) sum is non-zero and finite;
+    EBPG and IBD are NaN exactly where this is False (a map with no positive pixel, with ``clamp=True``)."""
+    _check_maps(maps, "has_energy")
+    m = maps.to(torch.float64)
+    total = (m.clamp(min=0) if clamp else m).sum(dim=(1, 2))
+    return (total != 0) & torch.isfinite(total)
+
+
 def energy_pointing_game(maps: Tensor, masks: Tensor, *, clamp: bool = True) -> Tensor:
     """EBPG of each map: float64 [N] in [0, 1] from maps [N, H, W] (any real dtype) and bool masks [N, H, W] (or
     one mask [H, W] for all) of the ground-truth region (:func:`box_mask`). Share of max(map, 0) inside the mask
-    (``clamp=False``: of the signed map). NaN where the (clamped) map sums to 0."""
+    (``clamp=False``: of the signed map). NaN where the (clamped) map sums to 0 (no positive pixel: undefined,
+    left out of the protocols and counted; module docstring)."""
     _check_maps(maps, "energy_pointing_game")
     if not isinstance(masks, Tensor) or masks.shape[-2:] != maps.shape[-2:] or masks.ndim not in (2, 3) \
             or (masks.ndim == 3 and masks.shape[0] != maps.shape[0]):
@@ -144,4 +162,4 @@ def ebpg_eligible(boxes: Sequence[Sequence[float]], width: int, height: int, *, 
 
 
 __all__ = ["border_frame", "border_intensity", "box_area_share", "box_mask", "ebpg_eligible",
-           "energy_pointing_game"]
+           "energy_pointing_game", "has_energy"]

@@ -16,6 +16,8 @@ Aggregates (``attribution.metrics.protocols`` for the two dataset-level protocol
 ``morf`` ``lerf``          mean ± std (population, ddof = 0) of the per-image curve AUCs
 ``insertion_accuracy``     idem (A-FMI App. A.3)
 ``insertion_softmax``      idem
+``road_morf`` ``road_lerf`` idem (ROAD, noisy linear imputation); ``road_*_accuracy``: mean of the per-image top-1
+                           hit AUCs (= the AUC of ROAD's accuracy curve)
 ``class_discrimination``   mean ± std of the per-image values
 ``seconds``                mean ± std of the per-image times (evaluate's ``seconds`` rows; for a method that has none,
                            the attribution run's ``seconds`` column, one value per image)
@@ -23,6 +25,9 @@ Aggregates (``attribution.metrics.protocols`` for the two dataset-level protocol
 =========================  ========================================================================================
 
 Null/NaN values (e.g. an all-zero map) are left out of every mean; ``n`` says how many images each aggregate used.
+EBPG and IBD of a map with no positive pixel are undefined (NaN, attribution.metrics.localisation): those maps are
+left out and counted in ``left_out`` (also named in ``protocol``), and an aggregate whose every map is such a map
+is still a row (mean NaN), so the report can say why its cell is empty.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ import pandas as pd
 
 from attribution.metrics.protocols import ebpg_protocol, ibd_auc_protocol
 
-CURVE_METRICS = ("morf", "lerf", "insertion_accuracy", "insertion_softmax")
+CURVE_METRICS = ("morf", "lerf", "insertion_accuracy", "insertion_softmax",
+                 "road_morf", "road_lerf", "road_morf_accuracy", "road_lerf_accuracy")
 MEAN_METRICS = CURVE_METRICS + ("class_discrimination", "seconds")
 GROUP = ["model", "weights", "method", "options"]
 # Methods in the papers' column order (baselines first, the two papers' methods last); others in between.
@@ -97,24 +103,33 @@ def aggregate(metrics: pd.DataFrame, dataset: pd.DataFrame | None = None,
             eligible = ebpg[(ebpg["n_boxes"] == 1) & (ebpg["box_share"].astype(float) < 0.5)] \
                 .sort_values(["shard", "key"], kind="stable")
             values = _values(eligible)
+            empty = int((~np.isfinite(values)).sum())  # maps with no positive pixel: no EBPG, left out
             values = values[np.isfinite(values)]
             if values.size:
                 mean, std = ebpg_protocol(values, sample=protocol.ebpg_sample, repeats=protocol.ebpg_repeats,
                                           seed=protocol.seed)
                 out.append(_agg(key, "ebpg", mean, std, values.size, images[key],
                                 f"{min(protocol.ebpg_sample, values.size)} of {values.size} eligible images x "
-                                f"{protocol.ebpg_repeats} repeats, seed {protocol.seed}"))
+                                f"{protocol.ebpg_repeats} repeats, seed {protocol.seed}" + _left_out(empty),
+                                left_out=empty))
+            elif empty:
+                out.append(_agg(key, "ebpg", math.nan, math.nan, 0, images[key], _left_out(empty), left_out=empty))
         ibd = by_metric.get("ibd")
         if ibd is not None:
             known = ibd[ibd["correct"].notna()]
             values = _values(known)
             finite = np.isfinite(values)
+            empty = int((~finite).sum())  # maps with no positive pixel: no IBD, left out
             if finite.any():
                 wrong = ~known["correct"].astype(bool).to_numpy()
                 auc = ibd_auc_protocol(values[finite], wrong[finite], keep=protocol.ibd_keep)
                 out.append(_agg(key, "ibd_auc", auc, math.nan, int(finite.sum()), images[key],
                                 f"largest {protocol.ibd_keep:.0%} by IBD of {int(finite.sum())} images with a "
-                                f"known label ({int(wrong[finite].sum())} wrong)"))
+                                f"known label ({int(wrong[finite].sum())} wrong)" + _left_out(empty),
+                                left_out=empty))
+            elif empty:
+                out.append(_agg(key, "ibd_auc", math.nan, math.nan, 0, images[key], _left_out(empty),
+                                left_out=empty))
         for metric in MEAN_METRICS:
             rows = by_metric.get(metric)
             if rows is None:
@@ -145,14 +160,21 @@ def aggregate(metrics: pd.DataFrame, dataset: pd.DataFrame | None = None,
             value = float(row.value) if row.value is not None else math.nan
             out.append(_agg(key, str(row.metric), value, math.nan, int(row.n), images.get(key, int(row.n)),
                             str(row.detail)))
-    columns = GROUP + ["metric", "mean", "std", "n", "images", "protocol"]
+    columns = GROUP + ["metric", "mean", "std", "n", "images", "protocol", "left_out"]
     return pd.DataFrame(out, columns=columns)
 
 
-def _agg(key: tuple, metric: str, mean: float, std: float, n: int, images: int, protocol: str) -> dict:
+def _left_out(empty: int) -> str:
+    return f"; {empty} maps with no positive pixel left out (no energy to share)" if empty else ""
+
+
+def _agg(key: tuple, metric: str, mean: float, std: float, n: int, images: int, protocol: str,
+         left_out: int = 0) -> dict:
+    """One aggregate row; ``left_out``: maps without a value (EBPG/IBD of a map with no positive pixel)."""
     model, weights, method, options = key
     return {"model": model, "weights": weights, "method": method, "options": options, "metric": metric,
-            "mean": float(mean), "std": float(std), "n": int(n), "images": int(images), "protocol": protocol}
+            "mean": float(mean), "std": float(std), "n": int(n), "images": int(images), "protocol": protocol,
+            "left_out": int(left_out)}
 
 
 def mean_curves(metrics: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:

@@ -56,10 +56,12 @@ COLUMNS = (
     Column("ebpg", "EBPG (%)", True, True, True, 1,
            "Energy-based pointing game (TR-GBP §5.3.1): share of the (non-negative) map energy inside the "
            "ground-truth box, on images with one box covering < 50 % of the image; mean ± std over 5 repeats of "
-           "500 random images."),
+           "500 random images. A map with no positive pixel has no energy to share: it has no EBPG and is left "
+           "out (not counted as 0); the table's notes say how many maps that concerns."),
     Column("ibd_auc", "IBD-AUC (%)", True, True, False, 2,
            "Intensity of boundary dependencies (TR-GBP §5.4): share of the map in the 16-px border; after dropping "
-           "the half of the images with the smallest IBD, ROC-AUC of IBD as a score for 'the prediction is wrong'."),
+           "the half of the images with the smallest IBD, ROC-AUC of IBD as a score for 'the prediction is wrong'. "
+           "A map with no positive pixel has no IBD and is left out, as for EBPG (counted in the notes)."),
     Column("morf", "MoRF AUC", False, False, True, 4,
            "Area under the target's softmax probability as the most relevant pixels are removed (set to black), "
            "0 to 100 % (TR-GBP App. D): a faster drop, i.e. a lower area, is better. (TR-GBP's Fig. 6 caption "
@@ -68,6 +70,17 @@ COLUMNS = (
     Column("lerf", "LeRF AUC", True, False, True, 4,
            "Area under the target's softmax probability as the least relevant pixels are removed first: the "
            "prediction should survive, so higher is better. Signed gradient maps (GBP, GIG) are ranked by |map|."),
+    Column("road_morf", "ROAD MoRF AUC", False, False, True, 4,
+           "ROAD (Rong et al. 2022): as MoRF, but the removed 10 … 90 % of the pixels are filled by noisy linear "
+           "imputation (each the weighted mean of its 8 neighbours, solved jointly, + noise σ = 0.01) instead of "
+           "black, so the shape of the removed region no longer tells the model the class; lower is better."),
+    Column("road_lerf", "ROAD LeRF AUC", True, False, True, 4,
+           "ROAD with the least relevant pixels removed first (imputed as for ROAD MoRF): higher is better."),
+    Column("road_morf_accuracy", "ROAD MoRF Acc-AUC", False, False, True, 4,
+           "Area under ROAD's accuracy curve (share of images still classified as the target) for MoRF: lower is "
+           "better."),
+    Column("road_lerf_accuracy", "ROAD LeRF Acc-AUC", True, False, True, 4,
+           "Area under ROAD's accuracy curve for LeRF: higher is better."),
     Column("insertion_accuracy", "Insertion Acc-AUC", True, False, True, 4,
            "Area under Accuracy@PI (A-FMI App. A.3): the top PI % pixels (PI = 5 … 100) inserted into a black "
            "image, 1 while it is still classified as the target class."),
@@ -201,9 +214,24 @@ def main_tables(aggregates: pd.DataFrame) -> list[Table]:
         notes = [("↑ higher is better, ↓ lower is better; EBPG, IBD-AUC and FMI accuracy in percent, the other "
                   "columns as fractions (AUCs) or seconds; mean ± std over images (EBPG: over the protocol's "
                   "repeats)")]
+        notes += _left_out_notes(group, labels, present)
         tables.append(Table(name=f"main_{slug(title_label)}", title=f"{title_label}: methods × metrics",
                             headers=headers, rows=rows, frame=pd.DataFrame(records), notes=notes))
     return tables
+
+
+def _left_out_notes(group: pd.DataFrame, labels: dict[tuple, str], present: list[Column]) -> list[str]:
+    """'TR-GBP: EBPG (%) leaves out 28 maps with no positive pixel …' for every aggregate with ``left_out`` > 0."""
+    if "left_out" not in group:
+        return []
+    headers = {c.metric: c.header for c in present}
+    notes = []
+    for k, metric, left_out, n in zip(group[GROUP].itertuples(index=False, name=None), group["metric"],
+                                      group["left_out"], group["n"]):
+        if metric in headers and left_out and left_out > 0:
+            notes.append(f"{labels[group_key(k)]}: {headers[metric]} leaves out {int(left_out)} of "
+                         f"{int(left_out) + int(n)} maps with no positive pixel (undefined there, not counted as 0)")
+    return notes
 
 
 def metric_tables(aggregates: pd.DataFrame) -> list[Table]:
