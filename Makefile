@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m jobs.demo --out runs/demo
 
-# Default suite: everything not marked slow (about 10 minutes on a 2-core CPU).
+# Default suite: everything not marked slow (about 16 minutes on a 2-core CPU, a two-node Ray cluster and an S3 server included).
 test: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
