@@ -6,18 +6,19 @@ import math
 
 import pytest
 
+from jobs import claim_verdicts as verdicts
 from jobs import claims as claims_job
 
 
 def test_verdict_is_the_stated_direction_of_the_measured_numbers():
-    holds = claims_job._less("P", "a below b", "s", "a", 0.1, "b", 0.5)
+    holds = verdicts.less("P", "a below b", "s", "a", 0.1, "b", 0.5)
     assert holds.holds is True and holds.measured == "a 0.100 vs b 0.500"
-    assert claims_job._less("P", "a below b", "s", "a", 0.5, "b", 0.1).holds is False
-    assert claims_job._less("P", "a below b", "s", "a", 0.5, "b", 0.5).holds is False
-    assert claims_job._less("P", "a at most b", "s", "a", 0.5, "b", 0.5, or_equal=True).holds is True
-    missing = claims_job._less("P", "c", "s", "a", math.nan, "b", 0.5)
+    assert verdicts.less("P", "a below b", "s", "a", 0.5, "b", 0.1).holds is False
+    assert verdicts.less("P", "a below b", "s", "a", 0.5, "b", 0.5).holds is False
+    assert verdicts.less("P", "a at most b", "s", "a", 0.5, "b", 0.5, or_equal=True).holds is True
+    missing = verdicts.less("P", "c", "s", "a", math.nan, "b", 0.5)
     assert missing.holds is None and missing.as_row()["verdict"] == "n/a" and "—" in missing.measured
-    table = claims_job.claims_markdown([holds, missing])
+    table = verdicts.claims_markdown([holds, missing])
     assert table.count("\n") == 3 and "**holds**" in table and "**n/a**" in table
 
 
