@@ -30,11 +30,10 @@ from attribution.methods import REGISTRY, attribute
 from attribution.methods.precisions import measuring
 from attribution.metrics.localisation import box_mask, energy_pointing_game
 from attribution.metrics.similarity import spearman
+from bench.methods import FAST_SETTINGS
 
-# the options that set a method's cost (bench.methods.FAST_SETTINGS, kept in step by hand: a few lines)
-COST_OPTIONS = {"ig": {"steps": 32}, "smoothgrad": {"samples": 16}, "vargrad": {"samples": 16},
-                "gig": {"steps": 16}, "xrai": {"base_options": {"steps": 8}}, "rise": {"masks": 1000},
-                "extremal_perturbation": {"iterations": 100}}
+# the options that keep costly methods short: bench.methods' fast settings (IG 32 steps, RISE 1000 masks, …)
+COST_OPTIONS = {name: setting["options"] for name, setting in FAST_SETTINGS.items()}
 
 
 def photos(spec: models.ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
