@@ -5,7 +5,7 @@
                             [--road-batch 4] [--road-repeats 1] [--only morf,insertion,road]
                             [--out bench/results/metrics.json]
 
-Inputs (built with bench.methods' helpers): the model with random weights (BatchNorm statistics randomised as a
+Inputs (built with bench.inputs' helpers): the model with random weights (BatchNorm statistics randomised as a
 trained network's), a batch of real scikit-image photos (preprocessed at ``--size``), the targets = each photo's
 own top-1..5 class (as bench.methods), and the maps of ``--method`` for those targets. Timed, interleaved round by round (one warm-up
 call each, then ``--repeats`` rounds, median):
@@ -65,16 +65,10 @@ from attribution.metrics.perturbation import (
 )
 from attribution.metrics.road import noise_for, road_curves
 from attribution.preprocessing import Preprocessing
-from bench.methods import (
-    _device_name,
-    _git_commit,
-    _stats,
-    _versions,
-    build_spec,
-    interleaved,
-    mixed_targets,
-    photo_batch,
-)
+from bench.inputs import build_spec, mixed_targets, photo_batch
+from bench.provenance import device_name, git_commit, versions
+from bench.tables import text_table
+from bench.timing import interleaved, per_image_stats
 
 DEFAULT_OUT = Path("bench/results/metrics.json")
 
@@ -129,11 +123,11 @@ def bench_metric(name: str, ours: dict[int, Callable[[], Tensor]], reference: Ca
     fns["quantus"] = reference
     results, times, loads = interleaved(fns, repeats, device, max_foreign=max_foreign, retries=2,
                                         wait_quiet_s=wait_quiet_s)
-    q = _stats(times["quantus"], loads["quantus"], batch)
+    q = per_image_stats(times["quantus"], loads["quantus"], batch)
     row: dict[str, Any] = {"metric": name, "quantus": {**q, "images_per_s": 1 / q["s_per_image"]}, "ours": []}
     for chunk in ours:
         label = f"ours_chunk{chunk}"
-        o = _stats(times[label], loads[label], batch)
+        o = per_image_stats(times[label], loads[label], batch)
         diff = float(np.abs(results[label].double().cpu().numpy() - results["quantus"]).max())
         row["ours"].append({"chunk_size": chunk, **o, "images_per_s": 1 / o["s_per_image"],
                             "speedup": q["s_per_image"] / o["s_per_image"], "max_abs_diff": diff})
@@ -141,13 +135,12 @@ def bench_metric(name: str, ours: dict[int, Callable[[], Tensor]], reference: Ca
 
 
 def table(rows: list[dict]) -> str:
+    """The results (rows of :func:`bench_metric` / :func:`bench_road`) as a text table, one line per chunk size."""
     head = ("metric", "chunk", "ours img/s", "reference img/s", "speed-up (ref/ours s)", "max |ours - ref|")
     lines = [(r["metric"] if i == 0 else "", str(o["chunk_size"]), f"{o['images_per_s']:.2f}",
               f"{r['quantus']['images_per_s']:.2f}" if i == 0 else "", f"{o['speedup']:.2f}x",
               f"{o['max_abs_diff']:.1e}") for r in rows for i, o in enumerate(r["ours"])]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), "-+-".join("-" * w for w in widths)] + [fmt.format(*line) for line in lines])
+    return text_table(head, lines)
 
 
 def gradcam_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor) -> np.ndarray:
@@ -191,11 +184,11 @@ def bench_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, 
     results, times, loads = interleaved(fns, repeats, device, max_foreign=max_foreign, retries=0,
                                         wait_quiet_s=wait_quiet_s, warmup=False)
     batch = images.shape[0]
-    ref = _stats(times["pytorch_grad_cam"], loads["pytorch_grad_cam"], batch)
+    ref = per_image_stats(times["pytorch_grad_cam"], loads["pytorch_grad_cam"], batch)
     row: dict[str, Any] = {"metric": "road", "reference": "pytorch-grad-cam ROAD{Most,Least}RelevantFirstAverage",
                            "quantus": {**ref, "images_per_s": 1 / ref["s_per_image"]}, "ours": []}
     for chunk in chunks:
-        o = _stats(times[f"ours_chunk{chunk}"], loads[f"ours_chunk{chunk}"], batch)
+        o = per_image_stats(times[f"ours_chunk{chunk}"], loads[f"ours_chunk{chunk}"], batch)
         diff = float(np.abs(results[f"ours_chunk{chunk}"].numpy() - results["pytorch_grad_cam"]).max())
         row["ours"].append({"chunk_size": chunk, **o, "images_per_s": 1 / o["s_per_image"],
                             "speedup": ref["s_per_image"] / o["s_per_image"], "max_abs_diff": diff,
@@ -266,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     fractions = [i / args.steps for i in range(1, args.steps + 1)]
     np_pixels, np_maps, np_targets = (t.detach().cpu().numpy() for t in (pixels, maps, targets))
     print(f"bench: {args.model} (random weights), {args.batch} photos at {images.shape[-1]} px, {args.method} maps, "
-          f"{args.steps} steps, chunks {args.chunk_sizes}, {args.repeats} repeats, {device} ({_device_name(device)}), "
+          f"{args.steps} steps, chunks {args.chunk_sizes}, {args.repeats} repeats, {device} ({device_name(device)}), "
           f"{torch.get_num_threads()} threads; metrics {','.join(args.only)} (road: {min(args.road_batch, args.batch)} "
           f"images, {args.road_repeats} repeats)", flush=True)
 
@@ -305,8 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
         "chunk_sizes": args.chunk_sizes, "repeats": args.repeats, "quick": args.quick, "only": args.only,
         "road_batch": min(args.road_batch, args.batch), "road_repeats": args.road_repeats, "size": args.size,
         "device": str(device),
-        "device_name": _device_name(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "versions": _versions(), "git_commit": _git_commit(), "targets": targets.tolist(),
+        "device_name": device_name(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "versions": versions(), "git_commit": git_commit(), "targets": targets.tolist(),
         "timing": "median over repeats of wall seconds per image after one warm-up; ours and Quantus interleaved",
         "max_foreign_cores": args.max_foreign, "wait_quiet_s": args.wait_quiet,
         "disturbed_runs": sum(1 for r in rows for e in [r["quantus"], *r["ours"]] for v in e["foreign_cores"]

@@ -9,8 +9,8 @@ method's maps in fp32 and in each other precision, same batch and threads. Per m
 Spearman rank correlation of each map with its fp32 map (mean and minimum over the images), the maximum of
 max|map − map_fp32| / max|map_fp32| over the images, the mean |ΔEBPG| over the photos with boxes, and whether the
 maps are finite. bf16/fp16 autocast run on the CPU too, so this is measurable without a GPU (tf32 only differs
-on CUDA). Costly methods run with bench.methods' FAST_SETTINGS (IG 32 steps, RISE 1000 masks, …). Prints a
-table, writes JSON.
+on CUDA). Costly methods run with bench.method_settings' FAST_SETTINGS (IG 32 steps, RISE 1000 masks, …).
+Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from attribution.methods import REGISTRY, attribute
 from attribution.methods.precisions import measuring
 from attribution.metrics.localisation import box_mask, energy_pointing_game
 from attribution.metrics.similarity import spearman
-from bench.methods import FAST_SETTINGS
+from bench.method_settings import FAST_SETTINGS
 
-# the options that keep costly methods short: bench.methods' fast settings (IG 32 steps, RISE 1000 masks, …)
+# the options that keep costly methods short: bench.method_settings' FAST_SETTINGS (IG 32 steps, RISE 1000 masks, …)
 COST_OPTIONS = {name: setting["options"] for name, setting in FAST_SETTINGS.items()}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from attribution.methods import REGISTRY
-from bench import gpu_check
+from bench import gpu_check, gpu_plan
 
 CAPTUM_CORE = ("saliency", "gbp", "gradcam")  # Captum's Saliency, GuidedBackprop, LayerGradCam
 
@@ -58,7 +58,7 @@ def test_throughput_of_every_method_and_precision(tiny):
         entry = tiny["methods"][name]
         per_model = entry["models"][model]
         for precision in plan["precisions"]:
-            if not gpu_check.allows(name, precision):
+            if not gpu_plan.allows(name, precision):
                 assert precision in per_model["refused"], f"{name} {precision}: refusal not recorded"
                 continue
             for where, values in (("methods", entry), (f"models.{model}", per_model)):
