@@ -94,7 +94,7 @@ def evaluate_claims(runs: dict[str, Path], seed: int = 0) -> list[Claim]:
 def _reference_claim(runs: dict[str, Path], arch: str) -> Claim:
     """A-FMI §4.2: mean over images and over the 3 pairs of references of the Spearman correlation of the maps."""
     from attribution.metrics.discrimination import class_discrimination
-    from workers.sink import maps_of, read_table
+    from schemas.reader import maps_of, read_table
 
     import torch
 
@@ -167,7 +167,7 @@ def _fmi_claim(run: Path, arch: str) -> Claim:
 
 
 def _metrics(run: Path) -> pd.DataFrame:
-    from workers.sink import read_table
+    from schemas.reader import read_table
     return read_table(str(run), "metrics").drop_columns(["steps", "curve"]).to_pandas()
 
 

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import posixpath
 import sys
-import time
-from typing import Any, Callable, Iterable, NoReturn
+from typing import NoReturn
 
 import braceexpand
 import pyarrow.fs as pafs
 
-from workers.shards import resolve_filesystem, shard_name
-from workers.sink import OutputStore
+from schemas.storage import resolve_filesystem
+from workers.shards import shard_name
 
 
 class JobError(Exception):
@@ -124,34 +122,3 @@ def _expand_one(pattern: str) -> list[str]:
     if info.type != pafs.FileType.File:
         raise JobError(f"shard {pattern} does not exist")
     return [pattern]
-
-
-def commit_as_written(summaries: Iterable[dict[str, Any]], store: OutputStore, manifest: dict, total_shards: int,
-                      start: float, say: Callable[..., None], noun: str) -> tuple[int, int, int]:
-    """The driver's side of exactly-once: consume write-step summaries (workers.sink.SUMMARY_SCHEMA rows) and
-    commit each shard as soon as all its samples are written, updating and rewriting the manifest.
-
-    Returns (samples, rows, error rows) committed. ``start``: time.perf_counter() at the job's start (for rates);
-    ``noun``: what a result row is called in the progress lines ("maps", "metric rows").
-    """
-    seen: dict[str, dict] = {}
-    samples = rows = errors = 0
-    for part in summaries:
-        shard = part["shard"]
-        state = seen.setdefault(shard, {"samples": 0, "rows": 0, "error_rows": 0, "files": []})
-        for key in ("samples", "rows", "error_rows"):
-            state[key] += part[key]
-        state["files"] += json.loads(part["files"])
-        if state["samples"] == part["shard_total"]:
-            counts = {k: state[k] for k in ("samples", "rows", "error_rows")}
-            record = store.commit(shard, state["files"], counts)
-            manifest["shards"][shard] = {**manifest["shards"].get(shard, {}), "status": "committed", **record}
-            store.write_json("manifest.json", manifest)
-            samples += counts["samples"]
-            rows += counts["rows"]
-            errors += counts["error_rows"]
-            done = sum(1 for s in manifest["shards"].values() if s["status"] == "committed")
-            rate = samples / max(time.perf_counter() - start, 1e-9)
-            say(f"[{done}/{total_shards}] committed {shard}: {counts['samples']} samples, {counts['rows']} {noun}, "
-                f"{counts['error_rows']} errors ({rate:.2f} img/s)")
-    return samples, rows, errors

@@ -68,7 +68,7 @@ def run(out: Path, methods: Sequence[str] = METHODS, targets: str = "top5") -> P
     from jobs.attribute import AttributeConfig
     from jobs.attribute import run as attribute_run
     from workers.attribution_worker import WorkerConfig
-    from workers.sink import maps_of, read_table
+    from schemas.reader import maps_of, read_table
 
     start = time.perf_counter()
     out = Path(out).resolve()

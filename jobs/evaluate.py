@@ -16,28 +16,27 @@ A rerun with the same --out skips committed shards.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from attribution import models
-from attribution.errors import AttributionError
-from jobs.common import JobError, actor_resources, commit_as_written, ensure_ray, expand_shards, fail
-from schemas.metrics import validate_dataset_metrics
-from workers.decode import decode_batch
 from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import PIXEL_NOISE
-from attribution.precision import PRECISIONS
+from jobs.common import JobError, expand_shards, fail
+from jobs.scaffold import (ActorJobSettings, ShardedRun, actor_settings, actor_stage, add_actor_arguments,
+                           add_shards_argument, require_at_least_one, run_cli)
+from schemas.metrics import validate_dataset_metrics
+from schemas.reader import OutputReader
+from schemas.storage import StorageError
 from workers.evaluate_worker import METRICS, MODEL_METRICS, EvaluateConfig, EvaluateWorker
 from workers.map_metrics import MapMetricsConfig, ShardMapMetrics
 from workers.shards import WebDatasetShards, shard_name
-from workers.sink import OutputStore, StorageError, write_metric_parts
+from workers.sink import write_metric_parts
 
 DATASET_METRICS = ("fmi",)
 ALL_METRICS = METRICS + DATASET_METRICS
@@ -46,28 +45,23 @@ DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m not in ROAD_METRICS)  # ROAD
 
 
 @dataclass
-class EvaluateJobConfig:
-    """One evaluation run. ``shards`` None: the attribution run's own shards (from its manifest)."""
+class EvaluateJobConfig(ActorJobSettings):
+    """One evaluation run. ``shards`` None: the attribution run's own shards (from its manifest); the actor
+    resources as ActorJobSettings."""
 
     out: str
     worker: EvaluateConfig
     shards: list[str] | None = None
     dataset_metrics: list[str] = field(default_factory=lambda: list(DATASET_METRICS))
-    batch_size: int | None = None
-    workers: int | None = None
-    gpus_per_worker: float | None = None
-    cpus_per_worker: float | None = None
-    overwrite: bool = False
-    address: str | None = None
-    quiet: bool = False
 
 
 def attribution_run(uri: str) -> dict:
     """The manifest of the attribution run at ``uri``; JobError unless it is one with committed shards."""
-    manifest = OutputStore(uri).read_json("manifest.json")
+    reader = OutputReader(uri)
+    manifest = reader.manifest()
     if not manifest or manifest.get("job") != "attribute":
         raise JobError(f"{uri} is not the output of jobs.attribute (no attribute manifest.json)")
-    if not OutputStore(uri).committed():
+    if not reader.committed():
         raise JobError(f"{uri} has no committed shards: run (or finish) jobs.attribute first")
     return manifest
 
@@ -75,13 +69,13 @@ def attribution_run(uri: str) -> dict:
 def run(config: EvaluateJobConfig) -> dict:
     """Run (or resume) an evaluation; returns the summary that is also written to the manifest."""
     source = attribution_run(config.worker.attributions)
-    committed_maps = OutputStore(config.worker.attributions).committed()
+    committed_maps = OutputReader(config.worker.attributions).committed()
     uris = expand_shards(config.shards) if config.shards else [
         entry["uri"] for name, entry in sorted(source["shards"].items()) if name in committed_maps and "uri" in entry]
     if not uris:
         raise JobError(f"no shards to evaluate: give --shards (the manifest of {config.worker.attributions} "
                        "records none)")
-    say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
+    say = config.say()
     missing = [u for u in uris if shard_name(u) not in committed_maps]
     if missing:
         say(f"warning: {len(missing)} shards have no committed maps in {config.worker.attributions} and are "
@@ -89,77 +83,37 @@ def run(config: EvaluateJobConfig) -> dict:
         uris = [u for u in uris if shard_name(u) in committed_maps]
         if not uris:
             raise JobError(f"none of the shards has committed maps in {config.worker.attributions}")
-    store = OutputStore(config.out)
-    if config.overwrite:
-        store.clear()
-    store.ensure()
-    _check_same_run(store, config)
-    committed = store.committed()
-    pending = [u for u in uris if shard_name(u) not in committed]
-    for uri in pending:
-        store.reset_shard(shard_name(uri))
-    manifest = _manifest(config, uris, committed)
-    store.write_json("manifest.json", manifest)
-    say(f"{len(uris)} shards, {len(committed)} already evaluated, {len(pending)} to do -> {config.out}")
-
-    start = time.perf_counter()
-    samples = rows = errors = 0
-    if pending:
-        ensure_ray(config.address)
-        import ray
-
-        try:
-            pipeline = (_pipeline if set(config.worker.metrics) & set(MODEL_METRICS) else _map_only_pipeline)
-            samples, rows, errors = commit_as_written(pipeline(config, pending, ray).iter_rows(), store, manifest,
-                                                      len(uris), start, say, noun="metric rows")
-        except Exception as exc:
-            manifest["status"] = "failed"
-            manifest["failure"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            store.write_json("manifest.json", manifest)
-            raise
+    job = ShardedRun("evaluate", config.out, _config_key(config), uris, config, recorded={"shards": uris},
+                     what="an evaluation")
+    say(f"{len(uris)} shards, {job.already_committed} already evaluated, {len(job.pending)} to do -> {config.out}")
+    pipeline = _pipeline if set(config.worker.metrics) & set(MODEL_METRICS) else _map_only_pipeline
+    job.process(lambda pending: pipeline(config, pending).iter_rows(), noun="metric rows")
     dataset = dataset_metrics(config.worker.attributions, config.worker.methods) \
         if "fmi" in config.dataset_metrics else pa.table({})
     if dataset.num_rows:
-        pq.write_table(dataset, store.path("dataset_metrics.parquet"), filesystem=store.fs)
+        pq.write_table(dataset, job.store.path("dataset_metrics.parquet"), filesystem=job.store.fs)
         for row in dataset.to_pylist():
             say(f"{row['model']} {row['method']}: {row['metric']} = {row['value']:.4f} on {row['n']} images")
-    elapsed = time.perf_counter() - start
-    incomplete = [shard_name(u) for u in pending if manifest["shards"][shard_name(u)]["status"] != "committed"]
-    summary = {"shards": len(uris), "shards_committed": len(uris) - len(incomplete), "samples": samples,
-               "metric_rows": rows, "errors": errors, "dataset_metrics": dataset.num_rows,
-               "seconds": round(elapsed, 2),
-               "images_per_second": round(samples / elapsed, 3) if elapsed > 0 and samples else 0.0,
-               "incomplete_shards": incomplete}
-    manifest["status"] = "complete" if not incomplete else "incomplete"
-    manifest["summary"] = summary
-    store.write_json("manifest.json", manifest)
-    say(f"done: {samples} images, {rows} metric rows, {errors} errors in {summary['seconds']} s "
-        f"({summary['images_per_second']} img/s); outputs in {config.out}")
-    return summary
+    return job.finish("metric_rows", noun="metric rows", extra={"dataset_metrics": dataset.num_rows})
 
 
-def _pipeline(config: EvaluateJobConfig, pending: list[str], ray):
+def _pipeline(config: EvaluateJobConfig, pending: list[str]):
     """read -> decode (CPU tasks) -> evaluate (actor pool) -> write parts (CPU tasks)."""
-    gpus, workers, cpus, batch_size = actor_resources(config.gpus_per_worker, config.workers,
-                                                      config.cpus_per_worker, config.batch_size)
-    worker = EvaluateConfig(**{**asdict(config.worker), "threads": config.worker.threads or max(1, int(cpus))})
-    if not gpus and worker.device is None:
-        worker.device = "cpu"
-    preprocessing = models.preprocessing_for(worker.model, worker.weights)
+    import ray
+
+    preprocessing = models.preprocessing_for(config.worker.model, config.worker.weights)
     return (
-        ray.data.read_datasource(WebDatasetShards(pending))
-        .map_batches(decode_batch, fn_kwargs={"preprocessing": preprocessing}, batch_format="pyarrow",
-                     batch_size=batch_size, num_cpus=0.5)
-        .map_batches(EvaluateWorker, fn_constructor_kwargs={"config": worker}, batch_format="pyarrow",
-                     batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
-                     num_gpus=gpus, num_cpus=cpus)
+        actor_stage(ray.data.read_datasource(WebDatasetShards(pending)), config, EvaluateWorker, config.worker,
+                    preprocessing)
         .map_batches(write_metric_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
                      fn_kwargs={"uri": config.out})
     )
 
 
-def _map_only_pipeline(config: EvaluateJobConfig, pending: list[str], ray):
+def _map_only_pipeline(config: EvaluateJobConfig, pending: list[str]):
     """shard names -> map-only metrics from the attribution Parquet (CPU tasks, one shard each) -> write parts."""
+    import ray
+
     worker = config.worker
     metrics_config = MapMetricsConfig(attributions=worker.attributions, metrics=list(worker.metrics),
                                       methods=worker.methods, border=worker.border)
@@ -191,7 +145,7 @@ def dataset_metrics(attributions: str, methods: list[str] | None = None) -> pa.T
     from attribution.metrics.faithfulness import prototype_accuracy
     from schemas.metrics import DATASET_METRIC_SCHEMA
 
-    store = OutputStore(attributions)
+    store = OutputReader(attributions)
     files = [store.path(f) for f in store.committed_files("attributions")]
     if not files or (methods and "a_fmi" not in methods):
         return DATASET_METRIC_SCHEMA.empty_table()
@@ -226,21 +180,6 @@ def dataset_metrics(attributions: str, methods: list[str] | None = None) -> pa.T
     return result
 
 
-def _manifest(config: EvaluateJobConfig, uris: list[str], committed: dict[str, dict]) -> dict:
-    import ray
-    import torch
-
-    return {
-        "job": "evaluate", "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {**_config_key(config), "shards": uris},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-                     "pyarrow": pa.__version__},
-        "shards": {shard_name(u): ({"status": "committed", "uri": u, **committed[shard_name(u)]}
-                                   if shard_name(u) in committed else {"status": "pending", "uri": u})
-                   for u in uris},
-    }
-
-
 def _config_key(config: EvaluateJobConfig) -> dict:
     """The parts of a config that define its outputs (a resumed run must match them)."""
     w = config.worker
@@ -254,23 +193,13 @@ def _config_key(config: EvaluateJobConfig) -> dict:
     return key
 
 
-def _check_same_run(store: OutputStore, config: EvaluateJobConfig) -> None:
-    previous = store.read_json("manifest.json")
-    if previous and store.committed():
-        old = {k: v for k, v in previous.get("config", {}).items() if k != "shards"}
-        if old != _config_key(config):
-            changed = sorted(k for k, v in _config_key(config).items() if old.get(k) != v)
-            raise JobError(f"{config.out} holds an evaluation with different {', '.join(changed)}; "
-                           "use --overwrite or another --out")
-
-
 def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
     """CLI -> EvaluateJobConfig; any bad argument exits with one error line."""
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--attributions", required=True, help="output directory (or URI) of jobs.attribute")
     p.add_argument("--out", required=True, help="output directory or URI for the metric rows")
-    p.add_argument("--shards", nargs="+", default=None,
-                   help="the shards the maps were computed on (default: those recorded by the attribution run)")
+    add_shards_argument(p, required=False,
+                        help="the shards the maps were computed on (default: those recorded by the attribution run)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                    help=f"comma-separated: {', '.join(ALL_METRICS)} (default: all but {', '.join(ROAD_METRICS)})")
     p.add_argument("--methods", default=None, help="comma-separated subset of the run's methods (default: all)")
@@ -286,24 +215,14 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
                    help="ROAD: σ of the imputation noise in [0, 1] pixel units (the authors' 0.01)")
     p.add_argument("--road-seed", type=int, default=0, help="ROAD: noise seed (per sample: crc32 of seed:key)")
     p.add_argument("--chunk-size", type=int, default=64, help="perturbed images per forward pass")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="compute precision of the perturbed images' forward passes (bf16/fp16: autocast)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=None)
-    p.add_argument("--cpus-per-worker", type=float, default=None)
-    p.add_argument("--device", default=None, help="force a torch device for the actors (cpu, cuda)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
-    p.add_argument("--overwrite", action="store_true", help="delete previous outputs in --out first")
+    add_actor_arguments(p, precision_help="compute precision of the perturbed images' forward passes "
+                        "(bf16/fp16: autocast)", overwrite_help="delete previous outputs in --out first")
     a = p.parse_args(argv)
     wanted = [m.strip() for m in a.metrics.split(",") if m.strip()]
     unknown = [m for m in wanted if m not in ALL_METRICS]
     if not wanted or unknown:
         fail(f"unknown metric {unknown[0] if unknown else '(none)'!r}; known: {', '.join(ALL_METRICS)}")
-    for name in ("morf_steps", "insertion_steps", "chunk_size", "batch_size", "workers"):
-        value = getattr(a, name)
-        if value is not None and value < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(a, ("morf_steps", "insertion_steps", "chunk_size", "batch_size", "workers"))
     if a.border < 0:
         fail("--border must be non-negative")
     try:
@@ -332,19 +251,12 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
                             chunk_size=a.chunk_size, road_fractions=road_fractions, road_noise=a.road_noise,
                             road_seed=a.road_seed, precision=a.precision, device=a.device)
     return EvaluateJobConfig(out=a.out, worker=worker, shards=a.shards,
-                             dataset_metrics=[m for m in wanted if m in DATASET_METRICS], batch_size=a.batch_size,
-                             workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
-                             overwrite=a.overwrite, address=a.address)
+                             dataset_metrics=[m for m in wanted if m in DATASET_METRICS], **actor_settings(a))
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    config = parse_args(argv)
-    try:
-        run(config)
-    except (JobError, AttributionError, StorageError) as exc:
-        fail(str(exc))
-    return 0
+    return run_cli(parse_args(argv), run)
 
 
 if __name__ == "__main__":

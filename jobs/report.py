@@ -54,8 +54,8 @@ from jobs.reporting.tables import (
     slug,
     table_label,
 )
-from workers.shards import resolve_filesystem, shard_name
-from workers.sink import StorageError
+from schemas.storage import StorageError, resolve_filesystem
+from workers.shards import shard_name
 
 SCREENSHOT_WIDTH, MAX_SCREENSHOT_HEIGHT = 1400, 20000
 REPORT_FILE_SUFFIXES = (".csv", ".md", ".png")

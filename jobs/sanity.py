@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -37,16 +35,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from attribution import models
-from attribution.errors import AttributionError
-from attribution.methods import REGISTRY, get_method
-from attribution.precision import PRECISIONS
-from jobs.common import JobError, actor_resources, ensure_ray, expand_shards, fail
+from jobs.common import JobError, ensure_ray, expand_shards, fail
+from jobs.scaffold import (ActorJobSettings, actor_settings, actor_stage, add_actor_arguments, add_model_arguments,
+                           add_shards_argument, check_methods, parse_method_options, parse_methods, record_failure,
+                           require_at_least_one, run_cli, versions)
 from schemas.attributions import ERROR_SCHEMA, validate_errors
 from schemas.metrics import SANITY_SCHEMA, validate_sanity
-from workers.decode import decode_batch
 from workers.sanity_worker import SANITY_TARGETS, SanityConfig, SanityWorker, grid_id
 from workers.shards import WebDatasetShards
-from workers.sink import OutputStore, StorageError
+from workers.sink import OutputStore
 
 OUTPUTS = ("sanity", "errors", "manifest.json", "sanity_maps.npz", "sanity_grid.png", "sanity_similarity.png")
 METRIC_TITLES = {"spearman_abs": "Spearman rank correlation of |map|", "spearman": "Spearman rank correlation of map",
@@ -54,22 +51,16 @@ METRIC_TITLES = {"spearman_abs": "Spearman rank correlation of |map|", "spearman
 
 
 @dataclass
-class SanityJobConfig:
+class SanityJobConfig(ActorJobSettings):
     """One sanity run. ``max_images``: the first N samples read (bad ones included, as error rows);
-    ``grid_images``: how many of the first good samples go into the figure and the NPZ."""
+    ``grid_images``: how many of the first good samples go into the figure and the NPZ; the actor resources as
+    ActorJobSettings."""
 
     shards: list[str]
     out: str
     worker: SanityConfig
     max_images: int = 16
     grid_images: int = 2
-    batch_size: int | None = None
-    workers: int | None = None
-    gpus_per_worker: float | None = None
-    cpus_per_worker: float | None = None
-    overwrite: bool = False
-    address: str | None = None
-    quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,14 +68,12 @@ def run(config: SanityJobConfig) -> dict:
     """Run a sanity job; returns the summary that is also written to the manifest (see the module docstring)."""
     import ray
 
-    for method in config.worker.methods:  # option mistakes fail here, in one line, before any work starts
-        get_method(method)(None)._check_options(config.worker.method_options.get(method, {}))
-        get_method(method).check_precision(config.worker.precision)
+    check_methods(config.worker.methods, lambda m: config.worker.method_options.get(m, {}), config.worker.precision)
     blocks = _blocks(config.worker)
     uris = expand_shards(config.shards)
     store = OutputStore(config.out)
     _prepare(store, config)
-    say = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
+    say = config.say()
     manifest = _manifest(config, uris, blocks)
     store.write_json("manifest.json", manifest)
     say(f"{len(uris)} shards, up to {config.max_images} images, {len(config.worker.methods)} methods x "
@@ -101,9 +90,7 @@ def run(config: SanityJobConfig) -> dict:
         worker = SanityConfig(**{**asdict(config.worker), "grid_keys": grid})
         outcome = _collect(_pipeline(config, raw, worker, ray), store, grid)
     except Exception as exc:
-        manifest["status"] = "failed"
-        manifest["failure"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        store.write_json("manifest.json", manifest)
+        record_failure(store, manifest, exc)
         raise
     rows, errors, grids = outcome
     elapsed = time.perf_counter() - start
@@ -164,18 +151,7 @@ def _prepare(store: OutputStore, config: SanityJobConfig) -> None:
 
 def _pipeline(config: SanityJobConfig, raw, worker: SanityConfig, ray):
     """decode (CPU tasks) -> cascading randomisation (actor pool)."""
-    gpus, workers, cpus, batch_size = actor_resources(config.gpus_per_worker, config.workers,
-                                                      config.cpus_per_worker, config.batch_size,
-                                                      gpu_batch=16, cpu_batch=4)
-    worker = SanityConfig(**{**asdict(worker), "threads": worker.threads or max(1, int(cpus))})
-    if not gpus and worker.device is None:
-        worker.device = "cpu"
-    preprocessing = _preprocessing(worker)
-    return (raw.map_batches(decode_batch, fn_kwargs={"preprocessing": preprocessing}, batch_format="pyarrow",
-                            batch_size=batch_size, num_cpus=0.5)
-            .map_batches(SanityWorker, fn_constructor_kwargs={"config": worker}, batch_format="pyarrow",
-                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
-                         num_gpus=gpus, num_cpus=cpus))
+    return actor_stage(raw, config, SanityWorker, worker, _preprocessing(worker), gpu_batch=16, cpu_batch=4)
 
 
 def _preprocessing(worker: SanityConfig):
@@ -331,10 +307,6 @@ def _similarity_text(similarity: dict, names: list[str]) -> str:
 
 
 def _manifest(config: SanityJobConfig, uris: list[str], blocks: list[str]) -> dict:
-    import pyarrow
-    import ray
-    import torch
-
     w = config.worker
     return {
         "job": "sanity", "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -343,21 +315,15 @@ def _manifest(config: SanityJobConfig, uris: list[str], blocks: list[str]) -> di
                    "grid_images": config.grid_images, "shards": uris,
                    **({"precision": w.precision} if w.precision != "fp32" else {})},
         "blocks": blocks,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-                     "pyarrow": pyarrow.__version__},
+        "versions": versions(),
     }
 
 
 def parse_args(argv: list[str] | None = None) -> SanityJobConfig:
     """CLI -> SanityJobConfig; any bad argument exits with one error line."""
     p = argparse.ArgumentParser(prog="python -m jobs.sanity", description=__doc__.split("\n")[0])
-    p.add_argument("--shards", nargs="+", required=True,
-                   help="tar shards: brace patterns, globs, dirs, s3:// gs://, or comma-separated lists of those")
-    p.add_argument("--model", required=True, help=f"one of {', '.join(models.MODEL_NAMES)}")
-    p.add_argument("--weights", default=None, help="torchvision weights name, checkpoint path, or 'imagenet' "
-                   "(efficientnet_lite0); default: random init")
-    p.add_argument("--methods", default="gbp,tr_gbp", help=f"comma-separated: {', '.join(REGISTRY)}")
-    p.add_argument("--method-options", default="{}", help='JSON {"method": {"option": value}}')
+    add_shards_argument(p)
+    add_model_arguments(p, methods_default="gbp,tr_gbp")
     p.add_argument("--targets", default="top1", choices=SANITY_TARGETS,
                    help="class to explain at every step: the original model's top-1, or the label")
     p.add_argument("--out", required=True, help="output directory or URI")
@@ -365,55 +331,31 @@ def parse_args(argv: list[str] | None = None) -> SanityJobConfig:
     p.add_argument("--grid-images", type=int, default=2, help="images drawn in the figure grid (default 2)")
     p.add_argument("--seed", type=int, default=0, help="randomisation seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="randomise only the top N blocks (default: all)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="compute precision of the methods' passes (bf16/fp16: autocast); maps are float32")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--num-workers", "--workers", dest="workers", type=int, default=None,
-                   help="actors (default: one per GPU, else 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=None)
-    p.add_argument("--cpus-per-worker", type=float, default=None)
-    p.add_argument("--device", default=None, help="force a torch device for the actors (cpu, cuda)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
-    p.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
+    add_actor_arguments(p, precision_help="compute precision of the methods' passes (bf16/fp16: autocast); maps "
+                        "are float32", overwrite_help="replace the outputs of a previous run in --out",
+                        workers_flags=("--num-workers", "--workers"))
     a = p.parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in REGISTRY]
-    if not methods or unknown:
-        fail(f"unknown method {unknown[0] if unknown else '(none)'!r}; known: {', '.join(REGISTRY)}")
+    methods = parse_methods(a.methods)
     if len(set(methods)) != len(methods):
         fail(f"--methods lists a method twice: {a.methods}")
     if a.model not in models.MODEL_NAMES and not Path(a.model).is_file():
         fail(f"unknown model {a.model!r}; known: {', '.join(models.MODEL_NAMES)} (or a benchmark checkpoint)")
-    try:
-        options = json.loads(a.method_options)
-        assert isinstance(options, dict) and all(isinstance(v, dict) for v in options.values())
-    except (ValueError, AssertionError):
-        fail(f'--method-options must be a JSON object of objects, e.g. {{"tr_gbp": {{"relu": true}}}}, '
-             f"got {a.method_options!r}")
+    options = parse_method_options(a.method_options, example='{"tr_gbp": {"relu": true}}')
     extra = sorted(set(options) - set(methods))
     if extra:
         fail(f"--method-options names {extra[0]!r}, which is not in --methods")
-    for name in ("max_images", "batch_size", "workers"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(a, ("max_images", "batch_size", "workers"))
     if a.grid_images < 0 or (a.steps is not None and a.steps < 0):
         fail("--grid-images and --steps must not be negative")
     worker = SanityConfig(model=a.model, weights=a.weights, methods=methods, method_options=options,
                           targets=a.targets, seed=a.seed, steps=a.steps, precision=a.precision, device=a.device)
     return SanityJobConfig(shards=a.shards, out=a.out, worker=worker, max_images=a.max_images,
-                           grid_images=a.grid_images, batch_size=a.batch_size, workers=a.workers,
-                           gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
-                           overwrite=a.overwrite, address=a.address)
+                           grid_images=a.grid_images, **actor_settings(a))
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    config = parse_args(argv)
-    try:
-        run(config)
-    except (JobError, AttributionError, StorageError) as exc:
-        fail(str(exc))
-    return 0
+    return run_cli(parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from attribution.errors import error_reason
 from attribution.methods import attribute_with_extras, get_method
 from attribution.precision import compute_precision
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
-from workers.decode import DECODED_SCHEMA
+from workers.batches import DecodedBatch, error_row
 
 TARGET_KINDS = ("label", "top1", "top5")
 
@@ -71,22 +71,10 @@ class AttributionWorker:
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         self.calls += 1
-        batch: dict[str, Any] = {name: table.column(name).to_pylist() for name in DECODED_SCHEMA.names}
-        batch["pixels"] = table.column("pixels").combine_chunks().to_numpy()
-        n = len(batch["key"])
-        rows: list[list[dict]] = [[] for _ in range(n)]
-        errors: list[list[dict]] = [[] for _ in range(n)]
-        for i in range(n):
-            if batch["error"][i] is not None:
-                errors[i].append(self._error(batch, i, batch["stage"][i], None, batch["error"][i]))
-        good = [i for i in range(n) if batch["error"][i] is None]
-        if good:
-            self._attribute(batch, good, rows, errors)
-        return {
-            "key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
-            "attributions": np.array([ipc_blob(r, self.schema) for r in rows], dtype=object),
-            "errors": np.array([ipc_blob(e, ERROR_SCHEMA) for e in errors], dtype=object),
-        }
+        decoded = DecodedBatch(table)
+        if decoded.good:
+            self._attribute(decoded.columns, decoded.good, decoded.rows, decoded.errors)
+        return decoded.output("attributions", self.schema, ERROR_SCHEMA)
 
     def _attribute(self, batch: dict[str, np.ndarray], good: list[int], rows: list[list[dict]],
                    errors: list[list[dict]]) -> None:
@@ -148,8 +136,8 @@ class AttributionWorker:
             if 0 <= int(labels[j]) < num_classes:
                 valid.append(j)
             else:
-                errors[i].append(self._error(batch, i, "attribute", None,
-                                             f"--targets label: sample has no usable label ({int(labels[j])})"))
+                errors[i].append(error_row(batch, i, "attribute", None,
+                                           f"--targets label: sample has no usable label ({int(labels[j])})"))
         return labels[:, None], valid
 
     def _run_method(self, method, images, targets, options, chosen, batch, errors) -> dict[int, Any]:
@@ -167,7 +155,7 @@ class AttributionWorker:
                                                precision=self.config.precision, **options)
                 out[j] = _slice(result, 0)
             except Exception as exc:  # noqa: BLE001
-                errors[chosen[j]].append(self._error(batch, chosen[j], "attribute", method, error_reason(exc)))
+                errors[chosen[j]].append(error_row(batch, chosen[j], "attribute", method, error_reason(exc)))
         return out
 
     def _row(self, batch, i, method, options, target: int, top: list[int], top_prob: list[float],
@@ -191,11 +179,6 @@ class AttributionWorker:
             "seconds": seconds,
         }
 
-    @staticmethod
-    def _error(batch, i, stage, method, reason) -> dict:
-        return {"key": batch["key"][i], "shard": batch["shard"][i], "stage": stage or "read", "method": method,
-                "reason": reason}
-
 
 def _slice(result, j: int) -> tuple[torch.Tensor, dict]:
     """Sample j's maps [T, S, S] and extras (each [T, …]) from an Attribution over [B, T] targets."""
@@ -207,25 +190,3 @@ def _slice(result, j: int) -> tuple[torch.Tensor, dict]:
 def _options_json(options: dict[str, Any]) -> str:
     shown = {k: v for k, v in options.items() if k not in ("return_fmi", "return_layers")}
     return json.dumps(shown, sort_keys=True, default=str)
-
-
-def ipc_blob(rows: list[dict], schema: pa.Schema) -> bytes:
-    """Rows as an Arrow IPC stream (an empty list gives a valid empty stream)."""
-    table = _attribution_table(rows, schema) if "map" in schema.names else pa.Table.from_pylist(rows, schema=schema)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _attribution_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    map_field = schema.field("map")
-    if not rows:
-        return schema.empty_table()
-    maps = np.stack([r["map"] for r in rows])
-    plain = [{k: v for k, v in r.items() if k != "map"} for r in rows]
-    others = pa.schema([f for f in schema if f.name != "map"])
-    table = pa.Table.from_pylist(plain, schema=others)
-    storage = pa.FixedShapeTensorArray.from_numpy_ndarray(maps)
-    return table.add_column(schema.get_field_index("map"), map_field, pa.chunked_array([storage],
-                                                                                       type=map_field.type))

@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from attribution import models
@@ -27,11 +25,10 @@ from attribution.metrics.perturbation import black_baseline, curve_auc, perturba
 from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import PIXEL_NOISE, noise_for, road_curves
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
-from workers.attribution_worker import ipc_blob
-from workers.decode import DECODED_SCHEMA
+from workers.batches import DecodedBatch, error_row
 from workers.map_metrics import (ATTRIBUTION_COLUMNS, MAP_METRICS, RowContext, map_metric_rows,
                                  sort_attribution_rows)
-from workers.sink import OutputStore, maps_of
+from schemas.reader import OutputReader, maps_of
 
 MODEL_METRICS = ("morf", "lerf", "insertion", "road_morf", "road_lerf")
 METRICS = MAP_METRICS + MODEL_METRICS
@@ -93,20 +90,11 @@ class EvaluateWorker:
         self.spec = models.load(config.model, config.weights, device=device)
         self.size = self.spec.preprocessing.input_size
         self.baseline = black_baseline(self.spec.preprocessing).to(device)
-        self.store = OutputStore(config.attributions)
-        self.files = {shard: [self.store.path(f) for f in record["files"] if f.startswith("attributions/")]
-                      for shard, record in self.store.committed().items()}
+        self.maps = OutputReader(config.attributions)  # a snapshot of its commits: listed once, on first use
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        batch: dict[str, Any] = {name: table.column(name).to_pylist() for name in DECODED_SCHEMA.names}
-        batch["pixels"] = table.column("pixels").combine_chunks().to_numpy()
-        n = len(batch["key"])
-        rows: list[list[dict]] = [[] for _ in range(n)]
-        errors: list[list[dict]] = [[] for _ in range(n)]
-        for i in range(n):
-            if batch["error"][i] is not None:
-                errors[i].append(_error(batch, i, batch["stage"][i] or "read", batch["error"][i]))
-        good = [i for i in range(n) if batch["error"][i] is None]
+        decoded = DecodedBatch(table)
+        batch, rows, errors, good = decoded.columns, decoded.rows, decoded.errors, decoded.good
         if good:
             try:
                 self._evaluate(batch, good, rows, errors)
@@ -117,12 +105,8 @@ class EvaluateWorker:
                         self._evaluate(batch, [i], rows, errors)
                     except Exception as exc:  # noqa: BLE001
                         rows[i] = []
-                        errors[i].append(_error(batch, i, "evaluate", error_reason(exc)))
-        return {
-            "key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
-            "metrics": np.array([ipc_blob(r, METRIC_SCHEMA) for r in rows], dtype=object),
-            "errors": np.array([ipc_blob(e, METRIC_ERROR_SCHEMA) for e in errors], dtype=object),
-        }
+                        errors[i].append(error_row(batch, i, "evaluate", None, error_reason(exc)))
+        return decoded.output("metrics", METRIC_SCHEMA, METRIC_ERROR_SCHEMA)
 
     # ------------------------------------------------------------------------------------------------ one batch
     def _evaluate(self, batch: dict[str, Any], good: list[int], rows: list[list[dict]],
@@ -132,7 +116,7 @@ class EvaluateWorker:
         found = {(s, k) for s, k in zip(table.column("shard").to_pylist(), table.column("key").to_pylist())}
         for (shard, key), i in position.items():
             if (shard, key) not in found:
-                errors[i].append(_error(batch, i, "evaluate", "no attribution rows for this sample in "
+                errors[i].append(error_row(batch, i, "evaluate", None, "no attribution rows for this sample in "
                                         f"{self.config.attributions} (failed or filtered there)"))
         if not table.num_rows:
             return
@@ -154,17 +138,10 @@ class EvaluateWorker:
 
     def _maps_for(self, batch: dict[str, Any], good: list[int]) -> pa.Table:
         """The attribution rows of the batch's samples (all methods, or the configured ones), sorted."""
-        tables = []
-        for shard in sorted({batch["shard"][i] for i in good}):
-            files = self.files.get(shard)
-            if not files:
-                continue
-            keys = [batch["key"][i] for i in good if batch["shard"][i] == shard]
-            condition = pc.field("key").isin(keys)
-            if self.config.methods:
-                condition = condition & pc.field("method").isin(self.config.methods)
-            tables.append(pq.read_table(files, filesystem=self.store.fs, columns=ATTRIBUTION_COLUMNS,
-                                        filters=condition))
+        tables = [self.maps.read(shards=[shard], keys=[batch["key"][i] for i in good if batch["shard"][i] == shard],
+                                 methods=self.config.methods, columns=ATTRIBUTION_COLUMNS)
+                  for shard in sorted({batch["shard"][i] for i in good})]
+        tables = [t for t in tables if t.column_names]  # a shard without committed maps gives a column-less table
         if not tables:
             return pa.table({name: pa.array([], pa.string()) for name in ("key", "shard")})
         return sort_attribution_rows(pa.concat_tables(tables))
@@ -222,10 +199,6 @@ class EvaluateWorker:
         values = curves.float().cpu().tolist()
         return [(r, context.row(r, metric, area, fractions, curve))
                 for r, area, curve in zip(primary, areas, values)]
-
-
-def _error(batch: dict[str, Any], i: int, stage: str, reason: str) -> dict:
-    return {"key": batch["key"][i], "shard": batch["shard"][i], "stage": stage, "method": None, "reason": reason}
 
 
 __all__ = ["DEFAULT_METRICS", "EvaluateConfig", "EvaluateWorker", "LERF_ABS_METHODS", "METRICS"]

@@ -23,8 +23,8 @@ from attribution.errors import error_reason
 from attribution.metrics.discrimination import class_discrimination
 from attribution.metrics.localisation import border_intensity, box_area_share, box_mask, energy_pointing_game
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
-from workers.attribution_worker import ipc_blob
-from workers.sink import OutputStore, maps_of
+from schemas.reader import OutputReader, maps_of
+from workers.batches import ipc_blob
 
 MAP_METRICS = ("ebpg", "ibd", "class_discrimination", "seconds")
 ATTRIBUTION_COLUMNS = ["key", "shard", "model", "weights", "method", "options", "target", "target_kind",
@@ -147,9 +147,7 @@ class ShardMapMetrics:
 
     def __init__(self, config: MapMetricsConfig) -> None:
         self.config = config
-        self.store = OutputStore(config.attributions)
-        self.files = {shard: [self.store.path(f) for f in record["files"] if f.startswith("attributions/")]
-                      for shard, record in self.store.committed().items()}
+        self.store = OutputReader(config.attributions)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {"key": [], "shard": [], "shard_total": [], "metrics": [], "errors": []}
@@ -184,7 +182,7 @@ class ShardMapMetrics:
     def _samples(self, shard: str) -> Iterator[pa.Table]:
         """The shard's attribution rows in tables of whole samples (≈ ``read_rows`` rows each), key-sorted."""
         methods = list(self.config.methods) if self.config.methods else None
-        for path in self.files.get(shard, []):
+        for path in (self.store.path(f) for f in self.store.committed_files("attributions", [shard])):
             carry: pa.Table | None = None
             with self.store.fs.open_input_file(path) as handle:
                 reader = pq.ParquetFile(handle)

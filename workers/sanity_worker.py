@@ -17,8 +17,7 @@ from attribution.precision import compute_precision
 from attribution.sanity import cascading_maps, randomisation_blocks, similarity_to_original
 from schemas.attributions import ERROR_SCHEMA
 from schemas.metrics import SANITY_SCHEMA
-from workers.attribution_worker import ipc_blob
-from workers.decode import DECODED_SCHEMA
+from workers.batches import DecodedBatch, error_row
 
 SANITY_TARGETS = ("top1", "label")
 FAILURES = Exception  # any failure of one method on one batch becomes error rows, not a failed job
@@ -74,22 +73,12 @@ class SanityWorker:
         self.grid = set(config.grid_keys)
 
     def __call__(self, table: pa.Table) -> dict[str, Any]:
-        batch: dict[str, Any] = {name: table.column(name).to_pylist() for name in DECODED_SCHEMA.names}
-        pixels = table.column("pixels").combine_chunks().to_numpy()
-        n = len(batch["key"])
-        rows: list[list[dict]] = [[] for _ in range(n)]
-        errors: list[list[dict]] = [[] for _ in range(n)]
-        grids: list[bytes] = [b""] * n
-        for i in range(n):
-            if batch["error"][i] is not None:
-                errors[i].append(_error(batch, i, batch["stage"][i] or "read", None, batch["error"][i]))
-        good = [i for i in range(n) if batch["error"][i] is None]
-        if good:
-            self._sanity(batch, pixels, good, rows, errors, grids)
-        return {"key": batch["key"], "shard": batch["shard"],
-                "sanity": np.array([ipc_blob(r, SANITY_SCHEMA) for r in rows], dtype=object),
-                "errors": np.array([ipc_blob(e, ERROR_SCHEMA) for e in errors], dtype=object),
-                "grid": np.array(grids, dtype=object)}
+        decoded = DecodedBatch(table)
+        grids: list[bytes] = [b""] * len(decoded.rows)
+        if decoded.good:
+            self._sanity(decoded.columns, decoded.columns["pixels"], decoded.good, decoded.rows, decoded.errors,
+                         grids)
+        return decoded.output("sanity", SANITY_SCHEMA, ERROR_SCHEMA, grid=grids)
 
     def _sanity(self, batch: dict, pixels: np.ndarray, good: list[int], rows: list[list[dict]],
                 errors: list[list[dict]], grids: list[bytes]) -> None:
@@ -105,7 +94,7 @@ class SanityWorker:
             labels = [int(batch["label"][i]) for i in good]
             valid = [j for j, label in enumerate(labels) if 0 <= label < logits.shape[1]]
             for j in sorted(set(range(len(good))) - set(valid)):
-                errors[good[j]].append(_error(batch, good[j], "attribute", None,
+                errors[good[j]].append(error_row(batch, good[j], "attribute", None,
                                               f"--targets label: sample has no usable label ({labels[j]})"))
             targets = torch.tensor(labels, device=spec.device)
         if not valid:
@@ -155,7 +144,7 @@ class SanityWorker:
                     out[:, m, j] = cascading_maps(self.spec, images[j:j + 1], targets[j:j + 1], [method],
                                                   **kwargs)[1][:, 0, 0]
                 except FAILURES as exc:
-                    errors[i].append(_error(batch, i, "attribute", method, error_reason(exc)))
+                    errors[i].append(error_row(batch, i, "attribute", method, error_reason(exc)))
         return out
 
 
@@ -172,11 +161,6 @@ def grid_npz(maps: torch.Tensor, pixels: np.ndarray, methods: list[str], names: 
 def _finite(value: torch.Tensor) -> float | None:
     v = float(value)
     return v if np.isfinite(v) else None
-
-
-def _error(batch: dict, i: int, stage: str, method: str | None, reason: str) -> dict:
-    return {"key": batch["key"][i], "shard": batch["shard"][i], "stage": stage, "method": method,
-            "reason": reason}
 
 
 __all__ = ["SANITY_TARGETS", "SanityConfig", "SanityWorker", "grid_id", "grid_npz"]

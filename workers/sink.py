@@ -13,8 +13,9 @@ Layout of an output directory (local path or object-store URI)::
 Exactly once: parts are written to ``_staging``; when the driver has seen every sample of a shard written, it
 moves the shard's parts into place and then writes the commit record. A rerun trusts only commit records:
 everything of an uncommitted shard is deleted and recomputed. Parts written by a retried task that never
-reported back are never listed in a commit, so they never reach a reader. Readers (``pandas.read_parquet`` on
-``attributions/``, DuckDB, :func:`read_table`) see whole shards, once a run has finished.
+reported back are never listed in a commit, so they never reach a reader. The public reader (schemas.reader:
+``OutputReader``, ``read_table``, ``maps_of``, re-exported here) reads committed shards only; ``pandas.read_parquet``
+on ``attributions/`` or DuckDB see whole shards once a run has finished.
 
 On object stores (``s3://``, ``gs://``) a move is a copy and a delete, not atomic; the commit still is: the record
 is one object written (as a whole) after every part is in place, and only records count. tests/test_object_store.py
@@ -26,8 +27,7 @@ import io
 import json
 import posixpath
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -36,32 +36,22 @@ import pyarrow.parquet as pq
 
 from schemas.attributions import ERROR_SCHEMA, attribution_schema, validate_attributions, validate_errors
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA, validate_metric_errors, validate_metrics
-from workers.shards import resolve_filesystem
+from schemas.reader import COMMITS, OutputReader, maps_of, read_table
+from schemas.storage import StorageError, first_line
 
 KINDS = ("attributions", "errors", "npz", "metrics")
 # One row per (batch, shard) from a write step: what the driver needs to commit a shard once all its samples are in.
 SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("shard_total", pa.int64()), ("samples", pa.int64()),
                             ("rows", pa.int64()), ("error_rows", pa.int64()), ("files", pa.string())])
 ROW_GROUP_SIZE = 256  # rows are written sorted by key in small row groups, so a key filter reads little
+COUNTS = ("samples", "rows", "error_rows")
 
 
-class StorageError(OSError):
-    """An output location that cannot be reached or written (no such bucket, no credentials, endpoint down): the
-    jobs report it as one line naming the location."""
+class OutputStore(OutputReader):
+    """An output directory with the layout above, for writing: a schemas.reader.OutputReader that also stages,
+    commits and resets shards. Unlike a reader it lists the commit records afresh at every call."""
 
-
-@dataclass
-class OutputStore:
-    """An output directory with the layout above."""
-
-    uri: str
-
-    def __post_init__(self) -> None:
-        self.fs, self.root = resolve_filesystem(self.uri)
-
-    def path(self, *parts: str) -> str:
-        """Filesystem path of ``parts`` under the root."""
-        return posixpath.join(self.root, *parts)
+    cache_commits = False
 
     def ensure(self) -> None:
         """Create the root directory (on object stores: its marker; the bucket must exist). StorageError when the
@@ -69,17 +59,7 @@ class OutputStore:
         try:
             self.fs.create_dir(self.root, recursive=True)
         except OSError as exc:
-            raise StorageError(f"cannot write to {self.uri}: {_first_line(exc)}") from None
-
-    def committed(self) -> dict[str, dict]:
-        """{shard name: its commit record} for every committed shard."""
-        records = {}
-        for info in self._list(self.path("_commits")):
-            if info.base_name.endswith(".json"):
-                with self.fs.open_input_stream(info.path) as f:
-                    record = json.loads(f.read())
-                records[record["shard"]] = record
-        return records
+            raise StorageError(f"cannot write to {self.uri}: {first_line(exc)}") from None
 
     def reset_shard(self, shard: str) -> None:
         """Delete everything an unfinished attempt left of ``shard`` (staging and half-moved parts)."""
@@ -88,12 +68,15 @@ class OutputStore:
                 self.fs.delete_dir(directory)
 
     def clear(self) -> None:
-        """Delete every output of previous runs (--overwrite)."""
-        for name in KINDS + ("_staging", "_commits"):
-            if self.fs.get_file_info(self.path(name)).type == pafs.FileType.Directory:
-                self.fs.delete_dir(self.path(name))
-        if self.fs.get_file_info(self.path("manifest.json")).type == pafs.FileType.File:
-            self.fs.delete_file(self.path("manifest.json"))
+        """Delete every output of previous runs (--overwrite). StorageError when the location cannot be reached."""
+        try:
+            for name in KINDS + ("_staging", COMMITS):
+                if self.fs.get_file_info(self.path(name)).type == pafs.FileType.Directory:
+                    self.fs.delete_dir(self.path(name))
+            if self.fs.get_file_info(self.path("manifest.json")).type == pafs.FileType.File:
+                self.fs.delete_file(self.path("manifest.json"))
+        except OSError as exc:
+            raise StorageError(f"cannot clear {self.uri}: {first_line(exc)}") from None
 
     def commit(self, shard: str, staged: list[str], counts: dict) -> dict:
         """Move ``shard``'s staged parts (paths relative to the root) into place, then write its commit record."""
@@ -105,11 +88,25 @@ class OutputStore:
             self.fs.move(self.path(rel), self.path(final))
             files.append(final)
         record = {"shard": shard, "files": files, **counts}
-        self.write_json(posixpath.join("_commits", f"{shard}.json"), record)
+        self.write_json(posixpath.join(COMMITS, f"{shard}.json"), record)
         staging = self.path("_staging", shard)
         if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
             self.fs.delete_dir(staging)
         return record
+
+    def commit_complete(self, summaries: Iterable[dict[str, Any]]) -> Iterator[dict]:
+        """The driver's side of exactly-once: consume write-step summaries (SUMMARY_SCHEMA rows, in any order and
+        split) and commit each shard as soon as all its samples are written; yields each commit record (``shard``,
+        ``files``, ``samples``, ``rows``, ``error_rows``) right after it is written."""
+        seen: dict[str, dict] = {}
+        for part in summaries:
+            shard = part["shard"]
+            state = seen.setdefault(shard, {**{k: 0 for k in COUNTS}, "files": []})
+            for key in COUNTS:
+                state[key] += part[key]
+            state["files"] += json.loads(part["files"])
+            if state["samples"] == part["shard_total"]:
+                yield self.commit(shard, state["files"], {k: state[k] for k in COUNTS})
 
     def write_json(self, rel: str, data: dict) -> None:
         """Write JSON at ``rel`` atomically (temporary file, then move)."""
@@ -118,48 +115,6 @@ class OutputStore:
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
         self.fs.move(tmp, self.path(rel))
-
-    def read_json(self, rel: str) -> dict | None:
-        """The JSON document at ``rel``, or None when absent. StorageError when the location cannot be read."""
-        try:
-            info = self.fs.get_file_info(self.path(rel))
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.uri}: {_first_line(exc)}") from None
-        if info.type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return json.loads(f.read())
-
-    def committed_files(self, kind: str) -> list[str]:
-        """Paths (relative to the root) of committed files of ``kind``, sorted by shard then part."""
-        return sorted(f for record in self.committed().values() for f in record["files"]
-                      if f.startswith(kind + "/"))
-
-    def _list(self, directory: str) -> list[pafs.FileInfo]:
-        if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
-            return []
-        return self.fs.get_file_info(pafs.FileSelector(directory))
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def read_table(uri: str, kind: str = "attributions") -> pa.Table:
-    """All committed rows of ``kind`` ("attributions", "metrics" or "errors") of an output directory as one table."""
-    store = OutputStore(uri)
-    files = store.committed_files(kind)
-    if not files:
-        empty = {"errors": ERROR_SCHEMA, "metrics": METRIC_SCHEMA}.get(kind, pa.schema([]))
-        return empty.empty_table()
-    return pa.concat_tables([pq.read_table(store.path(f), filesystem=store.fs) for f in files])
-
-
-def maps_of(table: pa.Table) -> np.ndarray:
-    """The maps of attribution rows as float32 [N, S, S] in the methods' own units (map · map_scale)."""
-    maps = table.column("map").combine_chunks().to_numpy_ndarray().astype(np.float32)
-    return maps * table.column("map_scale").to_numpy()[:, None, None]
 
 
 def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...], map_size: int,
@@ -241,3 +196,7 @@ def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table) -> st
     with store.fs.open_output_stream(store.path(rel)) as f:
         f.write(buffer.getvalue())
     return rel
+
+
+__all__ = ["KINDS", "OutputStore", "ROW_GROUP_SIZE", "SUMMARY_SCHEMA", "StorageError", "maps_of", "read_table",
+           "write_metric_parts", "write_parts"]

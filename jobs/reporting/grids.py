@@ -13,8 +13,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from attribution.errors import AttributionError
 from attribution.images import SampleError, decode_sample
@@ -25,7 +23,7 @@ from jobs.reporting.runs import Run
 from jobs.reporting.aggregates import GROUP, primary_rows
 from jobs.reporting.tables import method_labels, method_order, slug
 from workers.shards import read_shard
-from workers.sink import OutputStore, maps_of
+from schemas.reader import OutputReader, maps_of
 
 GRID_TITLE = ("{model}: the {what} map of each image (row title: key, class, probability)\n"
               "signed maps in bwr (red > 0 > blue, ±99th percentile of |map| per panel); "
@@ -90,13 +88,10 @@ def attribution_grid(run: Run, out: Path, *, n_images: int, shard_uris: dict[str
     counts = meta.groupby(["shard", "key"])["_column"].nunique()
     keys = sorted(sorted(counts.index, key=lambda k: (-counts[k], k))[:n_images])  # most complete, then in order
 
-    store = OutputStore(run.uri)
-    files = [store.path(f) for f in store.committed_files("attributions")]
     wanted = [k for _, k in keys]
-    table = pq.read_table(files, filesystem=store.fs,
-                          columns=["key", "shard", "model", "weights", "method", "options", "target", "target_kind",
-                                   "target_rank", "top5", "top5_prob", "map", "map_scale"],
-                          filters=pc.field("key").isin(wanted))
+    table = OutputReader(run.uri).read(keys=wanted, columns=["key", "shard", "model", "weights", "method", "options",
+                                                              "target", "target_kind", "target_rank", "top5",
+                                                              "top5_prob", "map", "map_scale"])
     kinds = table.column("target_kind").to_numpy(zero_copy_only=False)
     ranks = table.column("target_rank").to_numpy()
     table = table.filter((kinds != "top5") | (ranks == 0))

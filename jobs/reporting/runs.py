@@ -1,6 +1,6 @@
 """Reading the output directories the report is built from: evaluate, attribute and sanity runs.
 
-A run is recognised by ``manifest.json``'s ``"job"``. Only committed rows are read (``workers.sink.read_table``);
+A run is recognised by ``manifest.json``'s ``"job"``. Only committed rows are read (``schemas.reader``);
 the sanity job's rows are read from its committed files when it keeps commit records, else from every Parquet
 file under ``sanity/``. Maps are never loaded here (the grids fetch the few they draw).
 """
@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from jobs.common import JobError
 from workers.shards import shard_name
-from workers.sink import OutputStore, read_table
+from schemas.reader import OutputReader, read_table
+from schemas.storage import StorageError, first_line
 
 KINDS = ("evaluate", "attribute", "sanity")
 # Attribution columns the report needs (everything but the heavy ones: map, fmi, layers, boxes).
@@ -83,10 +84,13 @@ def display_uri(uri: str) -> str:
 
 def load_run(uri: str) -> Run:
     """Read one run directory (local path or URI). JobError (one line) when it is not a run of a known job,
-    or has no committed rows."""
+    or has no committed rows; StorageError (one line) when the location cannot be reached."""
     uri = display_uri(uri)
-    store = OutputStore(uri)
-    info = store.fs.get_file_info(store.root)
+    store = OutputReader(uri)
+    try:
+        info = store.fs.get_file_info(store.root)
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {first_line(exc)}") from None
     if info.type != pafs.FileType.Directory:
         raise JobError(f"{uri} is not a directory")
     try:
@@ -106,7 +110,7 @@ def load_run(uri: str) -> Run:
     return _sanity_run(uri, store, manifest)
 
 
-def _evaluate_run(uri: str, store: OutputStore, manifest: dict) -> Run:
+def _evaluate_run(uri: str, store: OutputReader, manifest: dict) -> Run:
     table = read_table(uri, "metrics")
     if table.num_rows == 0:
         raise JobError(f"{uri} is an empty evaluate run: no committed metric rows (run or finish jobs.evaluate)")
@@ -117,17 +121,17 @@ def _evaluate_run(uri: str, store: OutputStore, manifest: dict) -> Run:
     return Run("evaluate", uri, manifest, table.to_pandas(), dataset)
 
 
-def _attribute_run(uri: str, store: OutputStore, manifest: dict) -> Run:
+def _attribute_run(uri: str, store: OutputReader, manifest: dict) -> Run:
     files = store.committed_files("attributions")
     if not files:
         raise JobError(f"{uri} is an empty attribution run: no committed shards (run or finish jobs.attribute)")
-    table = pq.read_table([store.path(f) for f in files], filesystem=store.fs, columns=ATTRIBUTION_COLUMNS)
+    table = store.read(columns=ATTRIBUTION_COLUMNS)
     if table.num_rows == 0:
         raise JobError(f"{uri} is an empty attribution run: its committed shards hold no maps")
     return Run("attribute", uri, manifest, table.to_pandas())
 
 
-def _sanity_run(uri: str, store: OutputStore, manifest: dict) -> Run:
+def _sanity_run(uri: str, store: OutputReader, manifest: dict) -> Run:
     committed = store.committed_files("sanity")
     if committed:
         files = [store.path(f) for f in committed]
@@ -139,14 +143,14 @@ def _sanity_run(uri: str, store: OutputStore, manifest: dict) -> Run:
     table = pa.concat_tables([pq.read_table(f, filesystem=store.fs) for f in sorted(files)])
     if table.num_rows == 0:
         raise JobError(f"{uri} is an empty sanity run: its sanity/ files hold no rows")
-    figures = sorted(info.path for info in store._list(store.root)
+    figures = sorted(info.path for info in store.fs.get_file_info(pafs.FileSelector(store.root))
                      if info.type == pafs.FileType.File and info.base_name.endswith(SANITY_FIGURE_SUFFIX))
     if "://" in uri:
         figures = [posixpath.join(uri.rstrip("/"), posixpath.basename(f)) for f in figures]
     return Run("sanity", uri, manifest, table.to_pandas(), figures=figures)
 
 
-def _walk(store: OutputStore, directory: str) -> list[pafs.FileInfo]:
+def _walk(store: OutputReader, directory: str) -> list[pafs.FileInfo]:
     if store.fs.get_file_info(directory).type != pafs.FileType.Directory:
         return []
     return [info for info in store.fs.get_file_info(pafs.FileSelector(directory, recursive=True))

@@ -1,0 +1,276 @@
+"""The scaffold of the model-pinning jobs (jobs.attribute, jobs.evaluate, jobs.sanity), in one place.
+
+What each job keeps to itself: its worker, its schema, its own options. What they share lives here:
+
+- the CLI arguments every job takes (shards; model, weights, methods and their options; precision and the actor
+  resources) and their one-line checks;
+- :class:`ActorJobSettings`, the fields of every job config that say where and how the actors run;
+- :func:`actor_stage`: decode on CPU tasks -> the job's actor pool, sized for the connected cluster;
+- :class:`ShardedRun`: the output directory of a resumable job — manifest (config key, versions, per-shard status),
+  ``--overwrite``, the "same run?" check, resume (only uncommitted shards are done again), the commit loop with
+  one progress line per committed shard, and the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from attribution import models
+from attribution.errors import AttributionError
+from attribution.methods import REGISTRY, get_method
+from attribution.precision import PRECISIONS
+from jobs.common import JobError, actor_resources, ensure_ray, fail
+from schemas.storage import StorageError
+from workers.decode import decode_batch
+from workers.shards import shard_name
+from workers.sink import OutputStore
+
+SHARDS_HELP = "tar shards: brace patterns, globs, dirs, s3:// gs://, or comma-separated lists of those"
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass(kw_only=True)
+class ActorJobSettings:
+    """Where and how a job's actors run. ``workers``/``gpus_per_worker``/``cpus_per_worker``/``batch_size`` None:
+    chosen from the connected cluster (jobs.common.actor_resources); ``address`` None: RAY_ADDRESS, else an
+    embedded local Ray; ``quiet``: no progress lines."""
+
+    batch_size: int | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    overwrite: bool = False
+    address: str | None = None
+    quiet: bool = False
+
+    def say(self) -> Callable[..., None]:
+        """The job's progress printer (silent when ``quiet``)."""
+        return (lambda *a: None) if self.quiet else (lambda *a: print(*a, flush=True))
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def add_shards_argument(p: argparse.ArgumentParser, required: bool = True, help: str = SHARDS_HELP) -> None:
+    """``--shards`` (one or more patterns, each possibly a comma-separated list)."""
+    p.add_argument("--shards", nargs="+", required=required, default=None, help=help)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, methods_default: str | None = None) -> None:
+    """``--model``, ``--weights``, ``--methods`` (required unless ``methods_default``) and ``--method-options``."""
+    p.add_argument("--model", required=True, help=f"one of {', '.join(models.MODEL_NAMES)}")
+    p.add_argument("--weights", default=None, help="torchvision weights name, checkpoint path, or 'imagenet' "
+                   "(efficientnet_lite0); default: random init")
+    p.add_argument("--methods", required=methods_default is None, default=methods_default,
+                   help=f"comma-separated: {', '.join(REGISTRY)}")
+    p.add_argument("--method-options", default="{}", help='JSON {"method": {"option": value}}')
+
+
+def add_actor_arguments(p: argparse.ArgumentParser, precision_help: str, overwrite_help: str,
+                        workers_flags: Sequence[str] = ("--workers",)) -> None:
+    """``--precision`` and the actor resources: ``--batch-size``, ``--workers``, ``--gpus-per-worker``,
+    ``--cpus-per-worker``, ``--device``, ``--address``, ``--overwrite``."""
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=precision_help)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(*workers_flags, dest="workers", type=int, default=None,
+                   help="actors (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--device", default=None, help="force a torch device for the actors (cpu, cuda)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"gbp, tr_gbp"`` -> ``["gbp", "tr_gbp"]``; exits with one error line on an unknown method or none."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in REGISTRY]
+    if not methods or unknown:
+        fail(f"unknown method {unknown[0] if unknown else '(none)'!r}; known: {', '.join(REGISTRY)}")
+    return methods
+
+
+def parse_method_options(text: str, example: str) -> dict[str, dict[str, Any]]:
+    """``--method-options`` JSON -> {method: {option: value}}; exits with one error line unless it is an object of
+    objects (``example``: a valid value shown in that line)."""
+    try:
+        options = json.loads(text)
+        assert isinstance(options, dict) and all(isinstance(v, dict) for v in options.values())
+    except (ValueError, AssertionError):
+        fail(f"--method-options must be a JSON object of objects, e.g. {example}, got {text!r}")
+    return options
+
+
+def require_at_least_one(a: argparse.Namespace, names: Sequence[str]) -> None:
+    """Exit with one error line when one of the integer arguments ``names`` is given and < 1."""
+    for name in names:
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def actor_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed resource arguments as ActorJobSettings keyword arguments."""
+    return {"batch_size": a.batch_size, "workers": a.workers, "gpus_per_worker": a.gpus_per_worker,
+            "cpus_per_worker": a.cpus_per_worker, "overwrite": a.overwrite, "address": a.address}
+
+
+def check_methods(methods: Sequence[str], options_for: Callable[[str], dict], precision: str) -> None:
+    """Option and precision mistakes of every method fail here, in one line, before any work starts."""
+    for method in methods:
+        get_method(method)(None)._check_options(options_for(method))
+        get_method(method).check_precision(precision)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_config: Any,
+                preprocessing, worker_kwargs: dict | None = None, gpu_batch: int = 32, cpu_batch: int = 8):
+    """raw sample rows -> decode (CPU tasks) -> ``worker_cls(config=…)`` in an actor pool sized for the connected
+    cluster. ``worker_config``: a dataclass with ``threads`` and ``device`` fields; threads default to the actor's
+    CPUs, the device to "cpu" when the actors get no GPU. Returns the Ray dataset of the actors' rows."""
+    import ray
+
+    gpus, workers, cpus, batch_size = actor_resources(settings.gpus_per_worker, settings.workers,
+                                                      settings.cpus_per_worker, settings.batch_size,
+                                                      gpu_batch=gpu_batch, cpu_batch=cpu_batch)
+    config = type(worker_config)(**{**asdict(worker_config),
+                                    "threads": worker_config.threads or max(1, int(cpus))})
+    if not gpus and config.device is None:
+        config.device = "cpu"
+    return (dataset
+            .map_batches(decode_batch, fn_kwargs={"preprocessing": preprocessing}, batch_format="pyarrow",
+                         batch_size=batch_size, num_cpus=0.5)
+            .map_batches(worker_cls, fn_constructor_kwargs={"config": config, **(worker_kwargs or {})},
+                         batch_format="pyarrow", batch_size=batch_size,
+                         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus, num_cpus=cpus))
+
+
+def run_cli(config: Any, run: Callable[[Any], Any]) -> int:
+    """``run(config)`` for a job's ``main``: the job's own input problems (JobError, AttributionError, StorageError)
+    exit with one error line and status 2; returns 0."""
+    try:
+        run(config)
+    except (JobError, AttributionError, StorageError) as exc:
+        fail(str(exc))
+    return 0
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every manifest."""
+    import pyarrow
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "pyarrow": pyarrow.__version__}
+
+
+def record_failure(store: OutputStore, manifest: dict, exc: BaseException) -> None:
+    """Mark the run failed in its manifest, with the exception's first line."""
+    manifest["status"] = "failed"
+    manifest["failure"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    store.write_json("manifest.json", manifest)
+
+
+# ------------------------------------------------------------------------------------------- a resumable run
+class ShardedRun:
+    """The output directory of a resumable sharded job, from start to summary.
+
+    Construction does the bookkeeping before any work: ``--overwrite`` clears, the "same run?" check refuses an
+    output directory whose committed shards came from another ``key``, leftovers of uncommitted shards are
+    deleted, and the manifest (``job``, ``config`` = ``key`` + ``recorded``, ``versions``, per-shard status) is
+    written. ``recorded``: config entries kept in the manifest but not compared (e.g. the shard list);
+    ``what``: how the refusal names a run ("a run", "an evaluation").
+    """
+
+    def __init__(self, job: str, out: str, key: dict, uris: list[str], settings: ActorJobSettings,
+                 recorded: dict | None = None, what: str = "a run") -> None:
+        self.job, self.out, self.key, self.uris, self.settings = job, out, key, uris, settings
+        self.say = settings.say()
+        self.store = OutputStore(out)
+        if settings.overwrite:
+            self.store.clear()
+        self.store.ensure()
+        recorded = recorded or {}
+        self._check_same_run(recorded, what)
+        committed = self.store.committed()
+        self.already_committed = len(committed)
+        self.pending = [u for u in uris if shard_name(u) not in committed]
+        for uri in self.pending:
+            self.store.reset_shard(shard_name(uri))
+        self.manifest = {
+            "job": job, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": {**key, **recorded}, "versions": versions(),
+            "shards": {shard_name(u): ({"status": "committed", "uri": u, **committed[shard_name(u)]}
+                                       if shard_name(u) in committed else {"status": "pending", "uri": u})
+                       for u in uris},
+        }
+        self.store.write_json("manifest.json", self.manifest)
+        self.counts = {"samples": 0, "rows": 0, "error_rows": 0}
+        self.started = time.perf_counter()
+
+    def _check_same_run(self, recorded: dict, what: str) -> None:
+        previous = self.store.read_json("manifest.json")
+        if not previous or not self.store.committed():
+            return
+        old = {k: v for k, v in previous.get("config", {}).items() if k not in recorded}
+        if old != self.key:
+            changed = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
+            raise JobError(f"{self.out} holds {what} with different {', '.join(changed)}; "
+                           "use --overwrite or another --out")
+
+    def process(self, pipeline: Callable[[list[str]], Iterable[dict[str, Any]]], noun: str) -> None:
+        """Run ``pipeline(pending shard URIs)`` (an iterable of workers.sink.SUMMARY_SCHEMA rows, e.g. a Ray
+        dataset's ``iter_rows()``) and commit each shard as soon as all its samples are written, with one progress
+        line per shard (``noun``: what a result row is called). Nothing to do: no Ray start. An exception marks
+        the manifest failed and propagates."""
+        self.started = time.perf_counter()
+        if not self.pending:
+            return
+        ensure_ray(self.settings.address)
+        try:
+            for record in self.store.commit_complete(pipeline(self.pending)):
+                self._committed(record, noun)
+        except Exception as exc:
+            record_failure(self.store, self.manifest, exc)
+            raise
+
+    def _committed(self, record: dict, noun: str) -> None:
+        shard = record["shard"]
+        self.manifest["shards"][shard] = {**self.manifest["shards"].get(shard, {}), "status": "committed", **record}
+        self.store.write_json("manifest.json", self.manifest)
+        for name in self.counts:
+            self.counts[name] += record[name]
+        done = sum(1 for s in self.manifest["shards"].values() if s["status"] == "committed")
+        rate = self.counts["samples"] / max(time.perf_counter() - self.started, 1e-9)
+        self.say(f"[{done}/{len(self.uris)}] committed {shard}: {record['samples']} samples, {record['rows']} "
+                 f"{noun}, {record['error_rows']} errors ({rate:.2f} img/s)")
+
+    def finish(self, rows_key: str, noun: str, extra: dict | None = None) -> dict:
+        """Write the summary into the manifest (status complete | incomplete) and print the closing lines; returns
+        the summary: shards, shards_committed, samples, ``rows_key`` (result rows), errors, ``extra``, seconds,
+        images_per_second, incomplete_shards."""
+        elapsed = time.perf_counter() - self.started
+        samples = self.counts["samples"]
+        incomplete = [shard_name(u) for u in self.pending
+                      if self.manifest["shards"][shard_name(u)]["status"] != "committed"]
+        summary = {"shards": len(self.uris), "shards_committed": len(self.uris) - len(incomplete),
+                   "samples": samples, rows_key: self.counts["rows"], "errors": self.counts["error_rows"],
+                   **(extra or {}), "seconds": round(elapsed, 2),
+                   "images_per_second": round(samples / elapsed, 3) if elapsed > 0 and samples else 0.0,
+                   "incomplete_shards": incomplete}
+        self.manifest["status"] = "complete" if not incomplete else "incomplete"
+        self.manifest["summary"] = summary
+        self.store.write_json("manifest.json", self.manifest)
+        self.say(f"done: {samples} images, {self.counts['rows']} {noun}, {self.counts['error_rows']} errors in "
+                 f"{summary['seconds']} s ({summary['images_per_second']} img/s); outputs in {self.out}")
+        if incomplete:
+            self.say(f"warning: {len(incomplete)} shards did not complete and were not committed: {incomplete[:5]}")
+        return summary
+
+
+__all__ = ["ActorJobSettings", "SHARDS_HELP", "ShardedRun", "actor_settings", "actor_stage", "add_actor_arguments",
+           "add_model_arguments", "add_shards_argument", "check_methods", "parse_method_options", "parse_methods",
+           "record_failure", "require_at_least_one", "run_cli", "versions"]
