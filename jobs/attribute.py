@@ -13,13 +13,14 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from attribution import models
-from jobs.common import expand_shards, fail
+from jobs.common import JobError, expand_shards, fail
 from jobs.scaffold import (ActorJobSettings, ShardedRun, actor_settings, actor_stage, add_actor_arguments,
                            add_model_arguments, add_shards_argument, check_methods, parse_method_options,
                            parse_methods, require_at_least_one, run_cli)
+from schemas.maps import MAP_DTYPES
 from workers.attribution_worker import TARGET_KINDS, AttributionWorker, WorkerConfig
 from workers.shards import WebDatasetShards
 from workers.sink import write_parts
@@ -44,6 +45,12 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kw
     ``worker_cls``/``worker_kwargs``: the actor class and extra constructor arguments (fault-injection tests).
     """
     check_methods(config.worker.methods, config.worker.options_for, config.worker.precision)
+    input_size = models.preprocessing_for(config.worker.model, config.worker.weights).input_size
+    for method in config.worker.methods:
+        try:
+            config.worker.layout_for(method, input_size)
+        except ValueError as exc:
+            raise JobError(f"--map-size/--map-dtype for {method}: {exc}") from None
     uris = expand_shards(config.shards)
     job = ShardedRun("attribute", config.out, _config_key(config), uris, config)
     job.say(f"{len(uris)} shards, {job.already_committed} already committed, {len(job.pending)} to do -> "
@@ -62,8 +69,7 @@ def _pipeline(config: AttributeConfig, pending: list[str], worker_cls: type, wor
         actor_stage(ray.data.read_datasource(WebDatasetShards(pending)), config, worker_cls, config.worker,
                     preprocessing, worker_kwargs)
         .map_batches(write_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
-                     fn_kwargs={"uri": config.out, "formats": FORMATS[config.format],
-                                "map_size": preprocessing.input_size, "map_dtype": config.worker.map_dtype})
+                     fn_kwargs={"uri": config.out, "formats": FORMATS[config.format]})
     )
 
 
@@ -73,6 +79,7 @@ def _config_key(config: AttributeConfig) -> dict:
     return {"model": w.model, "weights": w.weights, "methods": w.methods, "method_options": w.method_options,
             "targets": w.targets, "map_dtype": w.map_dtype, "fmi": w.fmi, "layers": w.layers,
             **({"precision": w.precision} if w.precision != "fp32" else {}),  # fp32 runs keep their old key
+            **{name: getattr(w, name) for name in ("map_size", "map_sizes", "map_dtypes") if getattr(w, name)},
             "format": config.format}
 
 
@@ -84,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
     p.add_argument("--targets", default="top1", choices=TARGET_KINDS)
     p.add_argument("--out", required=True, help="output directory or URI")
     p.add_argument("--format", default="parquet", choices=sorted(FORMATS))
-    p.add_argument("--map-dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument("--map-size", default=None, metavar="S[,METHOD=S…]",
+                   help="store maps at S×S (area-averaged; default: the input size), per method with METHOD=S, "
+                        "e.g. 56,gradcam=14,a_fmi=14; readers upsample back to the input size")
+    p.add_argument("--map-dtype", default="float16", metavar="DTYPE[,METHOD=DTYPE…]",
+                   help=f"stored map dtype: {', '.join(MAP_DTYPES)} (int8: q·scale/127; uint8: non-negative maps, "
+                        "q·scale/255), per method with METHOD=DTYPE, e.g. int8,saliency=uint8")
     p.add_argument("--fmi", action="store_true", help="store A-FMI's FMI vectors")
     p.add_argument("--layers", action="store_true", help="store TR-GBP's per-layer maps")
     add_actor_arguments(p, precision_help="compute precision of the forward/backward passes (bf16/fp16: autocast); "
@@ -95,10 +107,45 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
         fail(f"unknown model {a.model!r}; known: {', '.join(models.MODEL_NAMES)}")
     options = parse_method_options(a.method_options, example='{"a_fmi": {"reference": "white"}}')
     require_at_least_one(a, ("batch_size", "workers"))
+    map_size, map_sizes = per_method("--map-size", a.map_size, methods, _map_size)
+    map_dtype, map_dtypes = per_method("--map-dtype", a.map_dtype, methods, _map_dtype)
     worker = WorkerConfig(model=a.model, weights=a.weights, methods=methods, method_options=options,
-                          targets=a.targets, map_dtype=a.map_dtype, precision=a.precision, fmi=a.fmi, layers=a.layers,
-                          device=a.device)
+                          targets=a.targets, map_dtype=map_dtype or "float16", map_size=map_size, map_sizes=map_sizes,
+                          map_dtypes=map_dtypes, precision=a.precision, fmi=a.fmi, layers=a.layers, device=a.device)
     return AttributeConfig(shards=a.shards, out=a.out, worker=worker, format=a.format, **actor_settings(a))
+
+
+def per_method(flag: str, text: str | None, methods: list[str], cast: Callable[[str], Any]) -> tuple[Any, dict]:
+    """``"56,gradcam=14"`` -> (56, {"gradcam": 14}): a default and per-method values (``cast`` checks each and
+    raises ValueError); exits with one error line on a malformed item or a method not in ``methods``."""
+    default, overrides = None, {}
+    for item in [i.strip() for i in (text or "").split(",") if i.strip()]:
+        method, _, value = item.rpartition("=")
+        try:
+            parsed = cast(value.strip())
+        except ValueError as exc:
+            fail(f"{flag} {text!r}: {exc}")
+        if not method:
+            if default is not None:
+                fail(f"{flag} {text!r}: give one default value, then METHOD=VALUE items")
+            default = parsed
+        elif method.strip() not in methods:
+            fail(f"{flag} names {method.strip()!r}, which is not in --methods")
+        else:
+            overrides[method.strip()] = parsed
+    return default, overrides
+
+
+def _map_size(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"a map size is a positive number of pixels, got {value!r}")
+    return int(value)
+
+
+def _map_dtype(value: str) -> str:
+    if value not in MAP_DTYPES:
+        raise ValueError(f"a map dtype is one of {', '.join(MAP_DTYPES)}, got {value!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,17 +1,18 @@
 """Tables written by ``jobs.attribute``: one row per (sample, method, target), and one row per failed sample.
 
 Maps are a fixed-shape tensor column (``arrow.fixed_shape_tensor``, [S, S]) so plain pyarrow, pandas (a flat
-array of S·S values per row) and DuckDB read them. A stored map is ``map_scale``-normalised: the method's
-value = ``map * map_scale`` (``map_scale`` = max |map|, 1 for an all-zero map), so float16 storage keeps
-full relative precision whatever the method's magnitude.
+array of S·S values per row) and DuckDB read them. A stored map is ``map_scale``-normalised (``map_scale`` = max
+|map|, 1 for an all-zero map), so float16 storage keeps full relative precision whatever the method's magnitude;
+it may be stored smaller than the input (S < I, area-averaged) and quantised (int8/uint8): schemas.maps says how,
+and ``schemas.reader.maps_of`` gives the method's values at the input size.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
+from schemas.maps import INPUT_SIZE, MAP_DTYPES
 from schemas.validation import SchemaError, validate_table
 
-MAP_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 BOXES = pa.list_(pa.list_(pa.float32()))
 LAYER_MAP = pa.struct([("name", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
                        ("values", pa.list_(pa.float32()))])
@@ -34,21 +35,26 @@ _FIELDS: list[tuple[str, pa.DataType, bool, str]] = [
     ("height", pa.int32(), False, "original image height, pixels"),
     ("bboxes", BOXES, False, "ground-truth boxes [x0, y0, x1, y1] in original pixels"),
     ("bboxes_input", BOXES, False, "the same boxes in map pixels (after resize + centre crop), clipped"),
-    ("map_scale", pa.float32(), False, "multiply map by this to get the method's values"),
+    ("map_scale", pa.float32(), False, "max |map| of the stored map: value = map · map_scale (int8: / 127, "
+     "uint8: / 255)"),
     ("fmi", pa.list_(pa.float32()), True, "A-FMI feature map importance vector [K] (a_fmi with --fmi)"),
     ("layers", pa.list_(LAYER_MAP), True, "TR-GBP per-layer maps at their own resolution (tr_gbp with --layers)"),
     ("seconds", pa.float32(), False, "method time per image on this worker, seconds (batch time / batch size)"),
 ]
 
 
-def attribution_schema(map_size: int = 224, map_dtype: str = "float32") -> pa.Schema:
-    """Schema of attribution rows; ``map`` is a fixed-shape tensor [map_size, map_size] of ``map_dtype``."""
+def attribution_schema(map_size: int = 224, map_dtype: str = "float32", input_size: int | None = None) -> pa.Schema:
+    """Schema of attribution rows; ``map`` is a fixed-shape tensor [map_size, map_size] of ``map_dtype`` (float16,
+    float32, int8, uint8) whose field metadata records ``input_size`` (default: map_size), the size readers upsample
+    it back to."""
     if map_dtype not in MAP_DTYPES:
         raise SchemaError(f"map dtype must be one of {', '.join(MAP_DTYPES)}, got {map_dtype!r}")
     fields = [pa.field(name, dtype, nullable, metadata={"doc": doc}) for name, dtype, nullable, doc in _FIELDS]
     map_type = pa.fixed_shape_tensor(MAP_DTYPES[map_dtype], [map_size, map_size])
     after = [f.name for f in fields].index("bboxes_input") + 1
-    fields.insert(after, pa.field("map", map_type, False, metadata={"doc": "the map [S, S], divided by map_scale"}))
+    doc = "the map [S, S] (S <= input size, area-averaged), divided by map_scale (int8: x127, uint8: x255, rounded)"
+    fields.insert(after, pa.field("map", map_type, False,
+                                  metadata={"doc": doc, INPUT_SIZE: str(input_size or map_size)}))
     return pa.schema(fields)
 
 
@@ -62,7 +68,8 @@ ERROR_SCHEMA = pa.schema([
 
 
 def validate_attributions(table: pa.Table, map_size: int, map_dtype: str) -> None:
-    """Raise SchemaError unless ``table`` has exactly the attribution schema and sane values."""
+    """Raise SchemaError unless ``table`` has exactly the attribution schema (maps [map_size, map_size] of
+    ``map_dtype``) and sane values."""
     validate_table(table, attribution_schema(map_size, map_dtype), "attributions")
 
 

@@ -47,7 +47,7 @@ def attribute_into(out: str, shard_uris: list[str], commit: set[str]) -> dict[st
         batch = pa.table({"key": rows["key"], "shard": rows["shard"], "shard_total": rows["shard_total"],
                           "attributions": pa.array(list(rows["attributions"]), pa.binary()),
                           "errors": pa.array(list(rows["errors"]), pa.binary())})
-        summaries = write_parts(batch, out, ("parquet",), preprocessing.input_size, "float32").to_pylist()
+        summaries = write_parts(batch, out, ("parquet",)).to_pylist()
         for blob in rows["attributions"]:
             table = pa.ipc.open_stream(blob).read_all()
             for r, row in enumerate(table.select(["key", "method", "target"]).to_pylist()):

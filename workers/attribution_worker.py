@@ -9,21 +9,26 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from attribution import models
-from attribution.errors import error_reason
+from attribution.errors import AttributionError, error_reason
 from attribution.methods import attribute_with_extras, get_method
 from attribution.precision import compute_precision
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
-from workers.batches import DecodedBatch, error_row
+from schemas.maps import MapLayout
+from workers.batches import DecodedBatch, error_row, ipc_blob
 
 TARGET_KINDS = ("label", "top1", "top5")
 
 
 @dataclass
 class WorkerConfig:
-    """What every actor of a run computes: model, methods with their options, targets, storage dtype, and the
-    compute ``precision`` of the top-k forward and of every method (attribution.precision)."""
+    """What every actor of a run computes: model, methods with their options, targets, how maps are stored, and
+    the compute ``precision`` of the top-k forward and of every method (attribution.precision).
+
+    Storage (schemas.maps): ``map_size`` S (None: the input size) and ``map_dtype`` for every method, overridden per
+    method by ``map_sizes`` / ``map_dtypes`` ({method: value})."""
 
     model: str
     weights: str | None = None
@@ -31,6 +36,9 @@ class WorkerConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: str = "top1"
     map_dtype: str = "float16"
+    map_size: int | None = None
+    map_sizes: dict[str, int] = field(default_factory=dict)
+    map_dtypes: dict[str, str] = field(default_factory=dict)
     precision: str = "fp32"
     fmi: bool = False
     layers: bool = False
@@ -46,13 +54,18 @@ class WorkerConfig:
             options["return_layers"] = True
         return options
 
+    def layout_for(self, method: str, input_size: int) -> MapLayout:
+        """How ``method``'s maps are stored for a model with ``input_size``; ValueError for a size above it."""
+        size = self.map_sizes.get(method, self.map_size) or input_size
+        return MapLayout(size=int(size), dtype=self.map_dtypes.get(method, self.map_dtype), input_size=input_size)
+
 
 class AttributionWorker:
     """Ray Data callable class: the constructor loads the model once; ``__call__(batch)`` returns a batch.
 
-    Input: decoded rows (workers.decode, as a pyarrow table). Output: one row per sample — ``key``, ``shard``, ``shard_total`` and
-    two Arrow IPC blobs, ``attributions`` (rows of schemas.attributions, one per method x target) and ``errors``
-    (rows of ERROR_SCHEMA). Keeping a sample's rows in one row means Ray can split blocks anywhere without
+    Input: decoded rows (workers.decode, as a pyarrow table). Output: one row per sample — ``key``, ``shard``,
+    ``shard_total`` and two Arrow IPC blobs, ``attributions`` (rows of schemas.attributions, one per method x
+    target; one IPC stream per map layout, one after the other) and ``errors`` (rows of ERROR_SCHEMA). Keeping a sample's rows in one row means Ray can split blocks anywhere without
     splitting a sample. A method that fails on the batch is retried per sample, so one bad sample costs one
     error row, not the batch.
     """
@@ -66,17 +79,25 @@ class AttributionWorker:
         for method in config.methods:
             get_method(method).check_precision(config.precision)  # unknown names, refused precisions: once, here
         self.size = self.spec.preprocessing.input_size
-        self.schema = attribution_schema(self.size, config.map_dtype)
+        try:
+            self.layouts = {method: config.layout_for(method, self.size) for method in config.methods}
+        except ValueError as exc:
+            raise AttributionError(f"{config.model}: {exc}") from None
+        self.schemas = {layout: attribution_schema(layout.size, layout.dtype, self.size)
+                        for layout in dict.fromkeys(self.layouts.values())}
         self.calls = 0
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         self.calls += 1
         decoded = DecodedBatch(table)
+        by_layout = {layout: [[] for _ in decoded.rows] for layout in self.schemas}
         if decoded.good:
-            self._attribute(decoded.columns, decoded.good, decoded.rows, decoded.errors)
-        return decoded.output("attributions", self.schema, ERROR_SCHEMA)
+            self._attribute(decoded.columns, decoded.good, by_layout, decoded.errors)
+        blobs = [b"".join(ipc_blob(rows[i], self.schemas[layout]) for layout, rows in by_layout.items())
+                 for i in range(len(decoded.rows))]
+        return decoded.output("attributions", None, ERROR_SCHEMA, result_blobs=blobs)
 
-    def _attribute(self, batch: dict[str, np.ndarray], good: list[int], rows: list[list[dict]],
+    def _attribute(self, batch: dict[str, np.ndarray], good: list[int], by_layout: dict[MapLayout, list[list[dict]]],
                    errors: list[list[dict]]) -> None:
         spec = self.spec
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).to(spec.device)
@@ -100,22 +121,27 @@ class AttributionWorker:
             if not results:
                 continue
             done = sorted(results)
-            host = self._to_host([results[j] for j in done])
+            layout = self.layouts[method]
+            host = self._to_host([results[j] for j in done], layout)
+            rows = by_layout[layout]
             for n, j in enumerate(done):
                 i = chosen[j]
+                if host["negative"] is not None and host["negative"][n].any():
+                    errors[i].append(error_row(batch, i, "attribute", method, "map has negative values; "
+                                               "--map-dtype uint8 stores non-negative maps only (use int8)"))
+                    continue
                 for t, target in enumerate(targets_host[j]):
                     rows[i].append(self._row(batch, i, method, options, target, top_host[j], prob_host[j],
                                              host, n, t, seconds))
 
-    def _to_host(self, results: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
-        """The maps of one method for J samples ([T, S, S] each, on the device) as host arrays, in one copy
-        per kind: ``map`` [J, T, S, S] divided by ``scale`` [J, T] (max |map|, 1 where that is 0 or not finite)
-        and cast to the storage dtype; ``fmi`` [J, T, K] and ``layers`` {name: [J, T, h, w]} when present."""
-        maps = torch.stack([m for m, _ in results]).float()
-        scale = maps.abs().amax(dim=(-2, -1))
-        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
-        host: dict[str, Any] = {"map": (maps / scale[..., None, None]).cpu().numpy().astype(self.config.map_dtype),
-                                "scale": scale.cpu().numpy()}
+    def _to_host(self, results: list[tuple[torch.Tensor, dict]], layout: MapLayout) -> dict[str, Any]:
+        """The maps of one method for J samples ([T, H, W] each, on the device) as host arrays in ``layout``
+        (schemas.maps), one copy per kind: ``map`` [J, T, S, S] (area-averaged to S, divided by ``scale``, then
+        cast or quantised), ``scale`` [J, T] (max |area-averaged map|, 1 where that is 0 or not finite),
+        ``negative`` [J, T] (uint8 only: a value would quantise below 0; else None), ``fmi`` [J, T, K] and
+        ``layers`` {name: [J, T, h, w]} when present."""
+        stored, scale, negative = encode_maps(torch.stack([m for m, _ in results]), layout)
+        host: dict[str, Any] = {"map": stored, "scale": scale, "negative": negative}
         extras = [e for _, e in results]
         if extras[0].get("fmi") is not None:
             host["fmi"] = torch.stack([e["fmi"] for e in extras]).float().cpu().numpy()
@@ -178,6 +204,28 @@ class AttributionWorker:
                        for name, m in layers.items()] if layers is not None else None,
             "seconds": seconds,
         }
+
+
+def encode_maps(maps: torch.Tensor, layout: MapLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Maps [..., H, W] (any float dtype, any device) -> how ``layout`` stores them (schemas.maps), on the host:
+    (``map`` [..., S, S] area-averaged to S, divided by ``scale``, cast or quantised; ``scale`` [...] = max |area-
+    averaged map|, 1 where that is 0 or not finite; ``negative`` [...] bool for uint8 — a value would quantise
+    below 0 — else None). One device -> host copy per array."""
+    maps = maps.float()
+    if maps.shape[-1] != layout.size or maps.shape[-2] != layout.size:
+        lead = maps.shape[:-2]
+        maps = F.adaptive_avg_pool2d(maps.reshape(-1, 1, *maps.shape[-2:]), layout.size)
+        maps = maps.reshape(*lead, layout.size, layout.size)
+    scale = maps.abs().amax(dim=(-2, -1))
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    relative = maps / scale[..., None, None]
+    if not layout.levels:
+        return relative.cpu().numpy().astype(layout.dtype), scale.cpu().numpy(), None
+    levels = torch.round(relative * layout.levels)
+    negative = (levels.amin(dim=(-2, -1)) < 0).cpu().numpy() if layout.dtype == "uint8" else None
+    low = -layout.levels if layout.dtype == "int8" else 0
+    stored = levels.clamp(low, layout.levels).to(getattr(torch, layout.dtype)).cpu().numpy()
+    return stored, scale.cpu().numpy(), negative
 
 
 def _slice(result, j: int) -> tuple[torch.Tensor, dict]:

@@ -35,14 +35,16 @@ class DecodedBatch:
                 self.errors[i].append(error_row(self.columns, i, self.columns["stage"][i], None, failed[i]))
         self.good = [i for i in range(n) if failed[i] is None]
 
-    def output(self, results: str, result_schema: pa.Schema, error_schema: pa.Schema,
-               **extra: list) -> dict[str, np.ndarray | list]:
+    def output(self, results: str, result_schema: pa.Schema | None, error_schema: pa.Schema,
+               result_blobs: list[bytes] | None = None, **extra: list) -> dict[str, np.ndarray | list]:
         """The actor's output batch: ``key``, ``shard``, ``shard_total``, ``results`` (IPC blob of each sample's
-        rows of ``result_schema``), ``errors`` (IPC blob of its rows of ``error_schema``) and the ``extra``
-        per-sample columns."""
+        rows of ``result_schema``, or the given ``result_blobs``), ``errors`` (IPC blob of its rows of
+        ``error_schema``) and the ``extra`` per-sample columns."""
         c = self.columns
+        if result_blobs is None:
+            result_blobs = [ipc_blob(r, result_schema) for r in self.rows]
         return {"key": c["key"], "shard": c["shard"], "shard_total": c["shard_total"],
-                results: np.array([ipc_blob(r, result_schema) for r in self.rows], dtype=object),
+                results: np.array(result_blobs, dtype=object),
                 "errors": np.array([ipc_blob(e, error_schema) for e in self.errors], dtype=object),
                 **{name: np.array(values, dtype=object) for name, values in extra.items()}}
 
@@ -65,6 +67,16 @@ def ipc_blob(rows: list[dict], schema: pa.Schema) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def ipc_tables(blob: bytes) -> list[pa.Table]:
+    """The tables of a blob that holds one or more IPC streams one after the other (:func:`ipc_blob` outputs
+    concatenated: one per schema, e.g. per map layout); empty bytes -> []."""
+    source = pa.BufferReader(blob)
+    tables = []
+    while source.tell() < len(blob):
+        tables.append(pa.ipc.open_stream(source).read_all())
+    return tables
+
+
 def _table_with_maps(rows: list[dict], schema: pa.Schema) -> pa.Table:
     map_field = schema.field("map")
     if not rows:
@@ -78,4 +90,4 @@ def _table_with_maps(rows: list[dict], schema: pa.Schema) -> pa.Table:
                                                                                        type=map_field.type))
 
 
-__all__ = ["DecodedBatch", "error_row", "ipc_blob"]
+__all__ = ["DecodedBatch", "error_row", "ipc_blob", "ipc_tables"]

@@ -6,7 +6,8 @@ Two callers:
   rows it fetched for its batch of decoded images, next to the model-based metrics;
 - when a run asks for map-only metrics alone, jobs.evaluate reads no image and loads no model: it maps
   :class:`ShardMapMetrics` over the attribution run's committed Parquet files, one shard per call, streaming each
-  file in key order (a sample's rows are never split across files: one write batch holds all of them).
+  file in key order (a sample's rows of one method are never split across files: one write batch holds all of
+  them; with per-method map layouts its methods may sit in several files, whose rows are merged per sample).
 """
 from __future__ import annotations
 
@@ -152,7 +153,11 @@ class ShardMapMetrics:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {"key": [], "shard": [], "shard_total": [], "metrics": [], "errors": []}
         for shard in batch.column("shard").to_pylist():
-            units = list(self._shard_units(shard))
+            merged: dict[str, tuple[list[dict], list[dict]]] = {}
+            for key, rows, errors in self._shard_units(shard):  # a sample's methods may sit in several files
+                merged.setdefault(key, ([], []))[0].extend(rows)
+                merged[key][1].extend(errors)
+            units = [(key, *merged[key]) for key in sorted(merged)]
             for key, rows, errors in units:
                 out["key"].append(key)
                 out["shard"].append(shard)

@@ -34,10 +34,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from schemas.attributions import ERROR_SCHEMA, attribution_schema, validate_attributions, validate_errors
-from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA, validate_metric_errors, validate_metrics
+from schemas.attributions import ERROR_SCHEMA, validate_attributions, validate_errors
+from schemas.maps import MapLayout, map_field_layout
+from schemas.metrics import METRIC_ERROR_SCHEMA, validate_metric_errors, validate_metrics
 from schemas.reader import COMMITS, OutputReader, maps_of, read_table
 from schemas.storage import StorageError, first_line
+from workers.batches import ipc_tables
 
 KINDS = ("attributions", "errors", "npz", "metrics")
 # One row per (batch, shard) from a write step: what the driver needs to commit a shard once all its samples are in.
@@ -117,38 +119,41 @@ class OutputStore(OutputReader):
         self.fs.move(tmp, self.path(rel))
 
 
-def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...], map_size: int,
-                map_dtype: str) -> pa.Table:
+def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...]) -> pa.Table:
     """Ray Data step of jobs.attribute: stage a batch of AttributionWorker rows (one per sample, with IPC blobs
-    ``attributions`` and ``errors``), grouped by shard. Returns one SUMMARY_SCHEMA row per shard in the batch."""
-    schema = attribution_schema(map_size, map_dtype)
-
-    def write(store: OutputStore, shard: str, part: str, rows: pa.Table) -> list[str]:
-        validate_attributions(rows, map_size, map_dtype)
+    ``attributions`` and ``errors``), grouped by shard: one Parquet (and/or NPZ) part per shard and map layout
+    (schemas.maps). Returns one SUMMARY_SCHEMA row per shard in the batch."""
+    def write(store: OutputStore, shard: str, part: str, groups: list[pa.Table]) -> list[str]:
         staged = []
-        if "parquet" in formats:
-            staged.append(_write_parquet(store, shard, f"attributions-{part}.parquet", rows))
-        if "npz" in formats:
-            staged.append(_write_npz(store, shard, f"npz-{part}.npz", rows))
+        for g, rows in enumerate(groups):
+            layout = map_field_layout(rows.schema.field("map"))
+            validate_attributions(rows, layout.size, layout.dtype)
+            name = part if len(groups) == 1 else f"{part}-{layout.size}{layout.dtype}"
+            if "parquet" in formats:
+                staged.append(_write_parquet(store, shard, f"attributions-{name}.parquet", rows))
+            if "npz" in formats:
+                staged.append(_write_npz(store, shard, f"npz-{name}.npz", rows, layout))
         return staged
 
-    return _stage(batch, uri, "attributions", schema, write, ERROR_SCHEMA, validate_errors)
+    return _stage(batch, uri, "attributions", write, ERROR_SCHEMA, validate_errors)
 
 
 def write_metric_parts(batch: pa.Table, uri: str) -> pa.Table:
     """Ray Data step of jobs.evaluate: stage a batch of EvaluateWorker rows (one per sample, with IPC blobs
     ``metrics`` and ``errors``), grouped by shard. Returns one SUMMARY_SCHEMA row per shard in the batch."""
-    def write(store: OutputStore, shard: str, part: str, rows: pa.Table) -> list[str]:
-        validate_metrics(rows)
-        return [_write_parquet(store, shard, f"metrics-{part}.parquet", rows)]
+    def write(store: OutputStore, shard: str, part: str, groups: list[pa.Table]) -> list[str]:
+        for rows in groups:
+            validate_metrics(rows)
+        return [_write_parquet(store, shard, f"metrics-{part}.parquet", pa.concat_tables(groups))]
 
-    return _stage(batch, uri, "metrics", METRIC_SCHEMA, write, METRIC_ERROR_SCHEMA, validate_metric_errors)
+    return _stage(batch, uri, "metrics", write, METRIC_ERROR_SCHEMA, validate_metric_errors)
 
 
-def _stage(batch: pa.Table, uri: str, kind: str, schema: pa.Schema,
-           write: Callable[["OutputStore", str, str, pa.Table], list[str]], error_schema: pa.Schema,
+def _stage(batch: pa.Table, uri: str, kind: str,
+           write: Callable[["OutputStore", str, str, list[pa.Table]], list[str]], error_schema: pa.Schema,
            validate_error_rows: Callable[[pa.Table], None]) -> pa.Table:
-    """Concatenate each shard's result rows (blob column ``kind``) and error rows, validate, write to staging."""
+    """Concatenate each shard's result rows (blob column ``kind``; one table per schema) and error rows,
+    validate, write to staging."""
     store = OutputStore(uri)
     shards = batch.column("shard").to_pylist()
     totals = dict(zip(shards, batch.column("shard_total").to_pylist()))
@@ -156,22 +161,28 @@ def _stage(batch: pa.Table, uri: str, kind: str, schema: pa.Schema,
     summaries = []
     for shard in sorted(set(shards)):
         idx = [i for i, s in enumerate(shards) if s == shard]
-        rows = _concat([blobs[kind][i] for i in idx], schema)
-        errors = _concat([blobs["errors"][i] for i in idx], error_schema)
+        groups = _concat_by_schema([blobs[kind][i] for i in idx])
+        errors = _concat_by_schema([blobs["errors"][i] for i in idx]) or [error_schema.empty_table()]
+        errors = errors[0] if len(errors) == 1 else pa.concat_tables(errors)
         validate_error_rows(errors)
         part = uuid.uuid4().hex
-        staged = write(store, shard, part, rows) if rows.num_rows else []
+        staged = write(store, shard, part, groups) if groups else []
         if errors.num_rows:
             staged.append(_write_parquet(store, shard, f"errors-{part}.parquet", errors))
-        summaries.append({"shard": shard, "shard_total": totals[shard], "samples": len(idx), "rows": rows.num_rows,
-                          "error_rows": errors.num_rows, "files": json.dumps(staged)})
+        summaries.append({"shard": shard, "shard_total": totals[shard], "samples": len(idx),
+                          "rows": sum(g.num_rows for g in groups), "error_rows": errors.num_rows,
+                          "files": json.dumps(staged)})
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
-def _concat(blobs: Iterable[bytes], schema: pa.Schema) -> pa.Table:
-    tables = [pa.ipc.open_stream(blob).read_all() for blob in blobs if blob]
-    tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+def _concat_by_schema(blobs: Iterable[bytes]) -> list[pa.Table]:
+    """The non-empty rows of the blobs' IPC streams, one table per schema (first-seen order)."""
+    groups: dict[pa.Schema, list[pa.Table]] = {}
+    for blob in blobs:
+        for table in ipc_tables(blob) if blob else []:
+            if table.num_rows:
+                groups.setdefault(table.schema, []).append(table)
+    return [tables[0] if len(tables) == 1 else pa.concat_tables(tables) for tables in groups.values()]
 
 
 def _write_parquet(store: OutputStore, shard: str, name: str, table: pa.Table) -> str:
@@ -183,11 +194,15 @@ def _write_parquet(store: OutputStore, shard: str, name: str, table: pa.Table) -
     return rel
 
 
-def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table) -> str:
+def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table, layout: MapLayout) -> str:
+    """NPZ part: ``map`` [N, S, S] as stored, ``map_scale``, index arrays, and ``map_dtype`` / ``input_size``
+    (schemas.maps.decode_maps turns map + map_scale into the methods' values)."""
     rel = posixpath.join("_staging", shard, name)
     store.fs.create_dir(store.path("_staging", shard), recursive=True)
     buffer = io.BytesIO()
     arrays = {"map": table.column("map").combine_chunks().to_numpy_ndarray()}
+    if layout.size != layout.input_size or layout.levels:  # default-layout parts stay as they were
+        arrays.update(map_dtype=np.array(layout.dtype), input_size=np.array(layout.input_size))
     for column in ("map_scale", "target", "target_rank", "label"):
         arrays[column] = table.column(column).to_numpy()
     for column in ("key", "shard", "model", "method"):
