@@ -9,8 +9,8 @@ run stores the maps of five methods (saliency, gbp, gradcam, tr_gbp, a_fmi; top-
 size I. Every layout is then derived from it with the worker's own encoder (workers.attribution_worker.encode_maps)
 and written by the job's own write step and commit (so its files are what ``jobs.attribute --map-size S
 --map-dtype D`` writes, up to float32 rounding of the stored map), and ``jobs.evaluate`` (EBPG, IBD, MoRF, LeRF,
-insertion, class discrimination) runs on each. Layouts: S in {I, I/2, I/4} x {float16, int8}, and int8 at I/4 with
-the coarse methods at I/16 (``--map-size I/4,gradcam=I/16,a_fmi=I/16``). Compared with full-size float16:
+insertion, class discrimination) runs on each. Layouts: S in {I, I/2, I/4} x {float16, int8}, and int8 at I and at
+I/4 with the coarse methods at I/16 (e.g. ``--map-size 56,gradcam=14,a_fmi=14``). Compared with full-size float16:
 bytes per map (the Parquet files' size / rows) and, per metric, the largest change of the mean over images and the
 mean |change| per image. Prints a table per dataset and writes JSON.
 """
@@ -48,8 +48,9 @@ def layouts_for(input_size: int) -> list[dict]:
         for size in (input_size, input_size // 2, input_size // 4):
             out.append({"name": f"{size} {dtype}", "size": size, "dtype": dtype, "sizes": {}})
     coarse = max(1, input_size // 16)
-    out.append({"name": f"{input_size // 4} int8, coarse {coarse}", "size": input_size // 4, "dtype": "int8",
-                "sizes": {m: coarse for m in COARSE}})
+    for size in (input_size, input_size // 4):
+        out.append({"name": f"{size} int8, coarse {coarse}", "size": size, "dtype": "int8",
+                    "sizes": {m: coarse for m in COARSE}})
     return out
 
 
@@ -58,6 +59,10 @@ def derive(base: str, out: str, layout: dict) -> dict:
     returns {files, bytes, rows}."""
     source = OutputReader(base)
     store = OutputStore(out)
+    if (store.manifest() or {}).get("config", {}).get("map_sizes") == layout["sizes"] and \
+            len(store.committed()) == len(source.committed()):
+        return _written(store)
+    store.clear()
     store.ensure()
     input_size = None
     for shard in sorted(source.committed()):
@@ -82,15 +87,28 @@ def derive(base: str, out: str, layout: dict) -> dict:
     manifest = source.manifest()
     manifest["config"].update(map_dtype=layout["dtype"], map_size=layout["size"], map_sizes=layout["sizes"])
     store.write_json("manifest.json", manifest)
+    return _written(store)
+
+
+def _written(store: OutputStore) -> dict:
     files = [store.path(f) for f in store.committed_files("attributions")]
     total = sum(store.fs.get_file_info(f).size for f in files)
-    return {"files": len(files), "bytes": total, "rows": OutputReader(out).read(columns=["key"]).num_rows}
+    return {"files": len(files), "bytes": total, "rows": OutputReader(store.uri).read(columns=["key"]).num_rows}
 
 
 def evaluate(attributions: str, out: str, batch_size: int) -> dict[tuple, float]:
-    """jobs.evaluate's default metrics on ``attributions``: {(key, method, metric): value}."""
-    from jobs.evaluate import attribution_run
-    from jobs.evaluate import EvaluateJobConfig, run
+    """jobs.evaluate's default metrics on ``attributions`` (reused when ``out`` holds a complete evaluation of it):
+    {(key, method, metric): value}."""
+    done = OutputReader(out).manifest() if Path(out).exists() else None
+    if not (done and done.get("status") == "complete"):
+        _evaluate_job(attributions, out, batch_size)
+    table = OutputReader(out).read("metrics", columns=["key", "method", "metric", "value"])
+    return {(k, m, x): v for k, m, x, v in zip(*(table.column(c).to_pylist() for c in table.column_names))
+            if v is not None}
+
+
+def _evaluate_job(attributions: str, out: str, batch_size: int) -> None:
+    from jobs.evaluate import EvaluateJobConfig, attribution_run, run
     from workers.evaluate_worker import EvaluateConfig
 
     source = attribution_run(attributions)["config"]
@@ -98,16 +116,14 @@ def evaluate(attributions: str, out: str, batch_size: int) -> dict[tuple, float]
                             metrics=["ebpg", "ibd", "morf", "lerf", "insertion", "class_discrimination"])
     run(EvaluateJobConfig(out=out, worker=worker, dataset_metrics=[], batch_size=batch_size, quiet=True,
                           overwrite=True))
-    table = OutputReader(out).read("metrics", columns=["key", "method", "metric", "value"])
-    return {(k, m, x): v for k, m, x, v in zip(*(table.column(c).to_pylist() for c in table.column_names))
-            if v is not None}
 
 
-def compare(base: dict[tuple, float], other: dict[tuple, float]) -> dict[str, dict[str, float]]:
-    """Per metric: the largest |change of the mean over images| over methods, and the mean |per-image change|."""
+def compare(base: dict[tuple, float], other: dict[tuple, float]) -> dict[str, dict]:
+    """Per metric: the largest |change of a method's mean over images| (``max_mean_change``), the mean |per-image
+    change| over all methods, and per method {mean_change, mean_abs_change}."""
     out = {}
     for metric in METRICS:
-        changes, means = [], []
+        changes, per_method = [], {}
         for method in METHODS:
             keys = [k for k in base if k[1] == method and k[2] == metric and k in other]
             if not keys:
@@ -115,10 +131,16 @@ def compare(base: dict[tuple, float], other: dict[tuple, float]) -> dict[str, di
             a = np.array([base[k] for k in keys])
             b = np.array([other[k] for k in keys])
             changes.extend(np.abs(b - a).tolist())
-            means.append(abs(float(b.mean() - a.mean())))
+            per_method[method] = {"mean_change": float(b.mean() - a.mean()),
+                                  "mean_abs_change": float(np.abs(b - a).mean()), "images": len(keys)}
         if changes:
-            out[metric] = {"max_mean_change": max(means), "mean_abs_change": float(np.mean(changes))}
+            out[metric] = {"max_mean_change": max(abs(v["mean_change"]) for v in per_method.values()),
+                           "mean_abs_change": float(np.mean(changes)), "methods": per_method}
     return out
+
+
+def _mean_change(result: dict, metric: str, method: str) -> float:
+    return result["changes"].get(metric, {}).get("methods", {}).get(method, {}).get("mean_change", float("nan"))
 
 
 def dataset_runs(name: str, args: argparse.Namespace, work: Path) -> tuple[str, int]:
@@ -201,6 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{name} (input {input_size} px; Δ = largest change of a method's mean over images vs full-size "
               "float16)")
         print(text_table(head, rows))
+        print(f"\n{name}, per method: change of the mean over images (EBPG, insertion softmax AUC, class "
+              "discrimination) vs full-size float16")
+        shown = ("ebpg", "insertion_softmax", "class_discrimination")
+        print(text_table(["layout", "method"] + [f"Δ{m}" for m in shown],
+                         [[r["name"], method] + [f"{_mean_change(r, m, method):+.4f}" for m in shown]
+                          for r in results[1:] for method in METHODS]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")

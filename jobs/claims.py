@@ -92,7 +92,7 @@ def run(config: ClaimsConfig, say: Callable[..., None] = print) -> list[Claim]:
         runs[f"sanity_{arch}"] = _sanity(out / f"sanity_{arch}", val, arch, checkpoint, config.sanity_images, say)
         runs[f"road_{arch}"] = _evaluate(out / f"road_{arch}", runs[f"maps_{arch}"], say,
                                          metrics=["morf", "lerf", "road_morf", "road_lerf"],
-                                         limit=config.road_images)
+                                         limit=config.road_images, batch_size=ROAD_BATCH)
     sc_val = [str(shortcut / "val-*.tar")]
     runs["maps_shortcut"] = _attribute(out / "maps_shortcut", sc_val, "bench_resnet", shortcut_model, METHODS,
                                        "top1", say=say)
@@ -162,9 +162,15 @@ def _samples_per_shard(uri: str) -> int:
         return max(1, len({m.name.split(".")[0] for m in tar.getmembers()}))
 
 
-def _evaluate(out: Path, maps: Path, say, metrics: list[str] | None = None, limit: int | None = None) -> Path:
+# ROAD's evaluate: a CG solve per image, order and step for every method; small actor batches keep each Ray Data block
+# well inside its no-progress limit (execution_no_progress_timeout_s, 1800 s) on a loaded 2-core machine
+ROAD_BATCH = 2
+
+
+def _evaluate(out: Path, maps: Path, say, metrics: list[str] | None = None, limit: int | None = None,
+              batch_size: int | None = None) -> Path:
     """jobs.evaluate on an attribution run (default metrics: all but ROAD); ``limit``: only its first shards
-    holding at least that many samples."""
+    holding at least that many samples; ``batch_size``: images per actor call (default: the job's)."""
     from jobs.evaluate import EvaluateJobConfig, attribution_run
     from jobs.evaluate import run as evaluate_run
     from workers.evaluate_worker import DEFAULT_METRICS, EvaluateConfig
@@ -176,7 +182,7 @@ def _evaluate(out: Path, maps: Path, say, metrics: list[str] | None = None, limi
         uris = [entry["uri"] for _, entry in sorted(manifest["shards"].items()) if "uri" in entry]
         shards = uris[:max(1, -(-limit // _samples_per_shard(uris[0])))]
     say(f"evaluate: {maps.name} -> {out}")
-    evaluate_run(EvaluateJobConfig(out=str(out), quiet=True, dataset_metrics=[], shards=shards,
+    evaluate_run(EvaluateJobConfig(out=str(out), quiet=True, dataset_metrics=[], shards=shards, batch_size=batch_size,
                                    worker=EvaluateConfig(attributions=str(maps), model=source["model"],
                                                          weights=source["weights"],
                                                          metrics=list(metrics or DEFAULT_METRICS))))

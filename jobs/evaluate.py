@@ -29,19 +29,21 @@ from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import PIXEL_NOISE
 from jobs.common import JobError, expand_shards, fail
 from jobs.scaffold import (ActorJobSettings, ShardedRun, actor_settings, actor_stage, add_actor_arguments,
-                           add_shards_argument, require_at_least_one, run_cli)
+                           add_shards_argument, read_shards, require_at_least_one, run_cli, samples_per_part)
 from schemas.metrics import validate_dataset_metrics
 from schemas.reader import OutputReader
 from schemas.storage import StorageError
 from workers.evaluate_worker import METRICS, MODEL_METRICS, EvaluateConfig, EvaluateWorker
 from workers.map_metrics import MapMetricsConfig, ShardMapMetrics
-from workers.shards import WebDatasetShards, shard_name
+from workers.shards import shard_name
 from workers.sink import write_metric_parts
 
 DATASET_METRICS = ("fmi",)
 ALL_METRICS = METRICS + DATASET_METRICS
 ROAD_METRICS = ("road_morf", "road_lerf")
 DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m not in ROAD_METRICS)  # ROAD (a CG solve per step) is opt-in
+METRIC_BYTES_PER_SAMPLE = 64 * 1024  # an upper estimate (16 methods x ~10 metric rows with their curves): parts
+# of up to scaffold.MAX_SAMPLES_PER_PART samples
 
 
 @dataclass
@@ -99,15 +101,12 @@ def run(config: EvaluateJobConfig) -> dict:
 
 def _pipeline(config: EvaluateJobConfig, pending: list[str]):
     """read -> decode (CPU tasks) -> evaluate (actor pool) -> write parts (CPU tasks)."""
-    import ray
-
     preprocessing = models.preprocessing_for(config.worker.model, config.worker.weights)
-    return (
-        actor_stage(ray.data.read_datasource(WebDatasetShards(pending)), config, EvaluateWorker, config.worker,
-                    preprocessing)
-        .map_batches(write_metric_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
-                     fn_kwargs={"uri": config.out})
-    )
+    rows, actor_batch = actor_stage(read_shards(pending), config, EvaluateWorker,
+                                    config.worker, preprocessing)
+    return rows.map_batches(write_metric_parts, batch_format="pyarrow", num_cpus=0.25,
+                            batch_size=samples_per_part(METRIC_BYTES_PER_SAMPLE, actor_batch),
+                            fn_kwargs={"uri": config.out})
 
 
 def _map_only_pipeline(config: EvaluateJobConfig, pending: list[str]):
@@ -124,7 +123,7 @@ def _map_only_pipeline(config: EvaluateJobConfig, pending: list[str]):
                      batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(shards))),
                      num_cpus=1)
         .map_batches(write_metric_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
-                     fn_kwargs={"uri": config.out})
+                     fn_kwargs={"uri": config.out})  # one block per shard already: one part per shard
     )
 
 

@@ -37,12 +37,11 @@ import pyarrow.parquet as pq
 from attribution import models
 from jobs.common import JobError, ensure_ray, expand_shards, fail
 from jobs.scaffold import (ActorJobSettings, actor_settings, actor_stage, add_actor_arguments, add_model_arguments,
-                           add_shards_argument, check_methods, parse_method_options, parse_methods, record_failure,
-                           require_at_least_one, run_cli, versions)
+                           add_shards_argument, check_methods, parse_method_options, parse_methods, read_shards,
+                           record_failure, require_at_least_one, run_cli, versions)
 from schemas.attributions import ERROR_SCHEMA, validate_errors
 from schemas.metrics import SANITY_SCHEMA, validate_sanity
 from workers.sanity_worker import SANITY_TARGETS, SanityConfig, SanityWorker, grid_id
-from workers.shards import WebDatasetShards
 from workers.sink import OutputStore
 
 OUTPUTS = ("sanity", "errors", "manifest.json", "sanity_maps.npz", "sanity_grid.png", "sanity_similarity.png")
@@ -82,7 +81,7 @@ def run(config: SanityJobConfig) -> dict:
     start = time.perf_counter()
     ensure_ray(config.address)
     try:
-        raw = ray.data.read_datasource(WebDatasetShards(uris))
+        raw = read_shards(uris)
         raw.context.execution_options.preserve_order = True  # the same images, in shard order, on every run
         raw = raw.limit(config.max_images).materialize()
         keys = raw.select_columns(["shard", "key", "error"]).take_all()
@@ -151,7 +150,7 @@ def _prepare(store: OutputStore, config: SanityJobConfig) -> None:
 
 def _pipeline(config: SanityJobConfig, raw, worker: SanityConfig, ray):
     """decode (CPU tasks) -> cascading randomisation (actor pool)."""
-    return actor_stage(raw, config, SanityWorker, worker, _preprocessing(worker), gpu_batch=16, cpu_batch=4)
+    return actor_stage(raw, config, SanityWorker, worker, _preprocessing(worker), gpu_batch=16, cpu_batch=4)[0]
 
 
 def _preprocessing(worker: SanityConfig):
