@@ -212,6 +212,7 @@ def check_exactly_once(out: Path, methods: int, targets: int) -> int:
     return len(triples)
 
 
+@pytest.mark.slow  # ~100 s: a second raylet, a submitted job, a node killed; `make test-slow`
 def test_job_submit_on_two_nodes_and_a_node_killed(cluster, shards, tmp_path):
     samples = len(photo_samples())
     common = ["--shards", shards, "--model", "efficientnet_lite0", "--weights", "imagenet", "--batch-size", "1",

@@ -109,6 +109,7 @@ def test_s3_filesystem_reads_shards_through_the_endpoint_variable(s3, s3_shards)
     assert rows[0]["key"] == sorted(s.key for s in photo_samples())[0]
 
 
+@pytest.mark.slow  # ~90 s: attribute, SIGKILL, resume, evaluate, report on S3; `make test-slow`
 def test_attribute_kill_resume_evaluate_report_on_s3(s3, s3_shards, tmp_path, capsys):
     """The whole chain on s3:// URIs; the attribution job is SIGKILLed after its first commit and resumed."""
     timings = {}
