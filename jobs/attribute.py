@@ -19,7 +19,7 @@ from attribution import models
 from jobs.common import JobError, expand_shards, fail
 from jobs.scaffold import (ActorJobSettings, ShardedRun, actor_settings, actor_stage, add_actor_arguments,
                            add_model_arguments, add_shards_argument, check_methods, parse_method_options,
-                           parse_methods, read_shards, require_at_least_one, run_cli, samples_per_part)
+                           parse_methods, read_shards, require_at_least_one, run_cli)
 from schemas.maps import MAP_DTYPES
 from workers.attribution_worker import TARGET_KINDS, AttributionWorker, WorkerConfig
 from workers.sink import write_parts
@@ -60,28 +60,11 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kw
 
 
 def _pipeline(config: AttributeConfig, pending: list[str], worker_cls: type, worker_kwargs: dict):
-    """read -> decode (CPU tasks) -> attribute (actor pool) -> write parts (CPU tasks, whole samples, about
-    scaffold.PART_BYTES of maps per part)."""
+    """read -> decode (CPU tasks) -> attribute (actor pool) -> write parts (CPU tasks)."""
     preprocessing = models.preprocessing_for(config.worker.model, config.worker.weights)
-    rows, actor_batch = actor_stage(read_shards(pending), config, worker_cls,
-                                    config.worker, preprocessing, worker_kwargs)
-    per_part = samples_per_part(stored_bytes_per_sample(config.worker, preprocessing.input_size), actor_batch)
-    return rows.map_batches(write_parts, batch_format="pyarrow", batch_size=per_part, num_cpus=0.25,
+    rows, _ = actor_stage(read_shards(pending), config, worker_cls, config.worker, preprocessing, worker_kwargs)
+    return rows.map_batches(write_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
                             fn_kwargs={"uri": config.out, "formats": FORMATS[config.format]})
-
-
-def stored_bytes_per_sample(worker: WorkerConfig, input_size: int) -> float:
-    """Estimated bytes one sample adds to the stored rows: per method and target, its stored map (schemas.maps
-    layout) plus ~1 KiB of the other columns; --layers adds TR-GBP's per-layer maps (float32, at most the input
-    size per layer, counted as 8 input-size maps)."""
-    targets = 5 if worker.targets == "top5" else 1
-    total = 0.0
-    for method in worker.methods:
-        layout = worker.layout_for(method, input_size)
-        total += targets * (layout.size ** 2 * MAP_DTYPES[layout.dtype].bit_width / 8 + 1024)
-        if method == "tr_gbp" and worker.layers:
-            total += targets * 8 * input_size ** 2 * 4
-    return total
 
 
 def _config_key(config: AttributeConfig) -> dict:

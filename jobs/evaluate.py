@@ -29,7 +29,7 @@ from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import PIXEL_NOISE
 from jobs.common import JobError, expand_shards, fail
 from jobs.scaffold import (ActorJobSettings, ShardedRun, actor_settings, actor_stage, add_actor_arguments,
-                           add_shards_argument, read_shards, require_at_least_one, run_cli, samples_per_part)
+                           add_shards_argument, read_shards, require_at_least_one, run_cli)
 from schemas.metrics import validate_dataset_metrics
 from schemas.reader import OutputReader
 from schemas.storage import StorageError
@@ -42,8 +42,6 @@ DATASET_METRICS = ("fmi",)
 ALL_METRICS = METRICS + DATASET_METRICS
 ROAD_METRICS = ("road_morf", "road_lerf")
 DEFAULT_METRICS = tuple(m for m in ALL_METRICS if m not in ROAD_METRICS)  # ROAD (a CG solve per step) is opt-in
-METRIC_BYTES_PER_SAMPLE = 64 * 1024  # an upper estimate (16 methods x ~10 metric rows with their curves): parts
-# of up to scaffold.MAX_SAMPLES_PER_PART samples
 
 
 @dataclass
@@ -102,10 +100,8 @@ def run(config: EvaluateJobConfig) -> dict:
 def _pipeline(config: EvaluateJobConfig, pending: list[str]):
     """read -> decode (CPU tasks) -> evaluate (actor pool) -> write parts (CPU tasks)."""
     preprocessing = models.preprocessing_for(config.worker.model, config.worker.weights)
-    rows, actor_batch = actor_stage(read_shards(pending), config, EvaluateWorker,
-                                    config.worker, preprocessing)
-    return rows.map_batches(write_metric_parts, batch_format="pyarrow", num_cpus=0.25,
-                            batch_size=samples_per_part(METRIC_BYTES_PER_SAMPLE, actor_batch),
+    rows, _ = actor_stage(read_shards(pending), config, EvaluateWorker, config.worker, preprocessing)
+    return rows.map_batches(write_metric_parts, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
                             fn_kwargs={"uri": config.out})
 
 

@@ -172,19 +172,6 @@ def run_cli(config: Any, run: Callable[[Any], Any]) -> int:
     return 0
 
 
-PART_BYTES = 64 * 1024 ** 2  # the write step's target bytes per Parquet part (memory of one write task: about that)
-MAX_SAMPLES_PER_PART = 1024
-
-
-def samples_per_part(bytes_per_sample: float, actor_batch: int) -> int:
-    """How many samples the write step gathers per call (``map_batches(batch_size=…)``, whole samples): as many as
-    fit ``PART_BYTES`` (at least one actor batch, at most ``MAX_SAMPLES_PER_PART``), so a shard of 500 compact
-    samples becomes one or two files instead of one per actor batch. A killed run loses at most that many written
-    but uncommitted samples more."""
-    fitting = int(PART_BYTES // max(bytes_per_sample, 1.0))
-    return max(actor_batch, min(MAX_SAMPLES_PER_PART, fitting))
-
-
 def versions() -> dict[str, str]:
     """Versions recorded in every manifest."""
     import pyarrow
@@ -301,4 +288,4 @@ class ShardedRun:
 
 __all__ = ["ActorJobSettings", "SHARDS_HELP", "ShardedRun", "actor_settings", "actor_stage", "add_actor_arguments",
            "add_model_arguments", "add_shards_argument", "check_methods", "parse_method_options", "parse_methods",
-           "read_shards", "record_failure", "require_at_least_one", "run_cli", "samples_per_part", "versions"]
+           "read_shards", "record_failure", "require_at_least_one", "run_cli", "versions"]

