@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m jobs.demo --out runs/demo
 
-# Default suite: everything not marked slow (about 16 minutes on a 2-core CPU, a two-node Ray cluster and an S3 server included).
+# Default suite: everything not marked slow (about 15 minutes on a quiet 2-core CPU; an S3 server included; the two-node cluster job and the S3 kill/resume chain are in test-slow).
 test: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
