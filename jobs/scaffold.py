@@ -9,6 +9,10 @@ What each job keeps to itself: its worker, its schema, its own options. What the
 - :class:`ShardedRun`: the output directory of a resumable job — manifest (config key, versions, per-shard status),
   ``--overwrite``, the "same run?" check, resume (only uncommitted shards are done again), the commit loop with
   one progress line per committed shard, and the summary.
+
+The commit records (``_commits/<shard>.json``) are the truth about which shards are done; ``manifest.json`` is a
+view of them, written at the start, at most every MANIFEST_INTERVAL_S while shards commit, when the commit loop
+ends, on failure and at the finish (rewriting it at every commit cost O(shards²) bytes over a run).
 """
 from __future__ import annotations
 
@@ -182,6 +186,9 @@ def versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__}
 
 
+MANIFEST_INTERVAL_S = 30.0  # seconds between manifest rewrites while shards commit
+
+
 def record_failure(store: OutputStore, manifest: dict, exc: BaseException) -> None:
     """Mark the run failed in its manifest, with the exception's first line."""
     manifest["status"] = "failed"
@@ -198,7 +205,15 @@ class ShardedRun:
     deleted, and the manifest (``job``, ``config`` = ``key`` + ``recorded``, ``versions``, per-shard status) is
     written. ``recorded``: config entries kept in the manifest but not compared (e.g. the shard list);
     ``what``: how the refusal names a run ("a run", "an evaluation").
+
+    While shards commit the manifest is rewritten at most every ``manifest_interval_s`` seconds of ``clock`` (a
+    monotonic clock in seconds; both class attributes, so tests can change them). Mid-run its per-shard status may
+    lag the commit records (a commit shows at the first commit ``manifest_interval_s`` after the last write, or when
+    the loop ends), never the other way round; resume reads the commit records only.
     """
+
+    manifest_interval_s: float = MANIFEST_INTERVAL_S
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     def __init__(self, job: str, out: str, key: dict, uris: list[str], settings: ActorJobSettings,
                  recorded: dict | None = None, what: str = "a run") -> None:
@@ -209,8 +224,8 @@ class ShardedRun:
             self.store.clear()
         self.store.ensure()
         recorded = recorded or {}
-        self._check_same_run(recorded, what)
-        committed = self.store.committed()
+        committed = self.store.committed()  # lists and reads every commit record: once per run
+        self._check_same_run(committed, recorded, what)
         self.already_committed = len(committed)
         self.pending = [u for u in uris if shard_name(u) not in committed]
         for uri in self.pending:
@@ -222,13 +237,23 @@ class ShardedRun:
                                        if shard_name(u) in committed else {"status": "pending", "uri": u})
                        for u in uris},
         }
-        self.store.write_json("manifest.json", self.manifest)
+        self.committed_count = len(uris) - len(self.pending)  # shards of ``uris`` committed so far
+        self.manifest_writes, self._manifest_written_at = 0, float("-inf")
+        self._write_manifest()
         self.counts = {"samples": 0, "rows": 0, "error_rows": 0}
         self.started = time.perf_counter()
 
-    def _check_same_run(self, recorded: dict, what: str) -> None:
+    def _write_manifest(self, force: bool = True) -> None:
+        """Write the manifest now (``force``) or only when ``manifest_interval_s`` has passed since the last write."""
+        now = self.clock()
+        if force or now - self._manifest_written_at >= self.manifest_interval_s:
+            self.store.write_json("manifest.json", self.manifest)
+            self._manifest_written_at = now
+            self.manifest_writes += 1
+
+    def _check_same_run(self, committed: dict, recorded: dict, what: str) -> None:
         previous = self.store.read_json("manifest.json")
-        if not previous or not self.store.committed():
+        if not previous or not committed:
             return
         old = {k: v for k, v in previous.get("config", {}).items() if k not in recorded}
         if old != self.key:
@@ -239,8 +264,8 @@ class ShardedRun:
     def process(self, pipeline: Callable[[list[str]], Iterable[dict[str, Any]]], noun: str) -> None:
         """Run ``pipeline(pending shard URIs)`` (an iterable of workers.sink.SUMMARY_SCHEMA rows, e.g. a Ray
         dataset's ``iter_rows()``) and commit each shard as soon as all its samples are written, with one progress
-        line per shard (``noun``: what a result row is called). Nothing to do: no Ray start. An exception marks
-        the manifest failed and propagates."""
+        line per shard (``noun``: what a result row is called). Nothing to do: no Ray start. The manifest is
+        written when the loop ends; an exception (Ctrl-C included) marks it failed and propagates."""
         self.started = time.perf_counter()
         if not self.pending:
             return
@@ -248,20 +273,24 @@ class ShardedRun:
         try:
             for record in self.store.commit_complete(pipeline(self.pending)):
                 self._committed(record, noun)
-        except Exception as exc:
+        except BaseException as exc:
             record_failure(self.store, self.manifest, exc)
+            self.manifest_writes += 1
             raise
+        self._write_manifest()
 
     def _committed(self, record: dict, noun: str) -> None:
         shard = record["shard"]
-        self.manifest["shards"][shard] = {**self.manifest["shards"].get(shard, {}), "status": "committed", **record}
-        self.store.write_json("manifest.json", self.manifest)
+        entry = self.manifest["shards"].get(shard, {})
+        if entry.get("status") != "committed":
+            self.committed_count += 1
+        self.manifest["shards"][shard] = {**entry, "status": "committed", **record}
+        self._write_manifest(force=False)
         for name in self.counts:
             self.counts[name] += record[name]
-        done = sum(1 for s in self.manifest["shards"].values() if s["status"] == "committed")
         rate = self.counts["samples"] / max(time.perf_counter() - self.started, 1e-9)
-        self.say(f"[{done}/{len(self.uris)}] committed {shard}: {record['samples']} samples, {record['rows']} "
-                 f"{noun}, {record['error_rows']} errors ({rate:.2f} img/s)")
+        self.say(f"[{self.committed_count}/{len(self.uris)}] committed {shard}: {record['samples']} samples, "
+                 f"{record['rows']} {noun}, {record['error_rows']} errors ({rate:.2f} img/s)")
 
     def finish(self, rows_key: str, noun: str, extra: dict | None = None) -> dict:
         """Write the summary into the manifest (status complete | incomplete) and print the closing lines; returns
@@ -278,7 +307,7 @@ class ShardedRun:
                    "incomplete_shards": incomplete}
         self.manifest["status"] = "complete" if not incomplete else "incomplete"
         self.manifest["summary"] = summary
-        self.store.write_json("manifest.json", self.manifest)
+        self._write_manifest()
         self.say(f"done: {samples} images, {self.counts['rows']} {noun}, {self.counts['error_rows']} errors in "
                  f"{summary['seconds']} s ({summary['images_per_second']} img/s); outputs in {self.out}")
         if incomplete:
@@ -286,6 +315,7 @@ class ShardedRun:
         return summary
 
 
-__all__ = ["ActorJobSettings", "SHARDS_HELP", "ShardedRun", "actor_settings", "actor_stage", "add_actor_arguments",
-           "add_model_arguments", "add_shards_argument", "check_methods", "parse_method_options", "parse_methods",
-           "read_shards", "record_failure", "require_at_least_one", "run_cli", "versions"]
+__all__ = ["ActorJobSettings", "MANIFEST_INTERVAL_S", "SHARDS_HELP", "ShardedRun", "actor_settings", "actor_stage",
+           "add_actor_arguments", "add_model_arguments", "add_shards_argument", "check_methods",
+           "parse_method_options", "parse_methods", "read_shards", "record_failure", "require_at_least_one",
+           "run_cli", "versions"]
