@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,8 @@ def decode_sample(image_bytes: bytes | None, cls_bytes: bytes | None, json_bytes
             image.load()
             rgb = image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-        raise SampleError(f"undecodable image: {type(exc).__name__}: {exc}") from None
+        reason = re.sub(r"<[^<>]* object at 0x[0-9a-f]+>", "the image bytes", str(exc))  # no memory address
+        raise SampleError(f"undecodable image: {type(exc).__name__}: {reason}") from None
     width, height = rgb.size
     bboxes = [[float(v) for v in box] for box in meta.get("bboxes", [])]
     for box in bboxes:

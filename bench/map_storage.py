@@ -31,8 +31,8 @@ from bench.tables import text_table
 from schemas.maps import MapLayout
 from schemas.reader import OutputReader, maps_of
 from workers.attribution_worker import encode_maps
-from workers.batches import ipc_blob
-from schemas.attributions import attribution_schema
+from workers.batches import ipc_blob, output_schema
+from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from workers.sink import OutputStore, write_parts
 
 METHODS = ["saliency", "gbp", "gradcam", "tr_gbp", "a_fmi"]
@@ -78,11 +78,13 @@ def derive(base: str, out: str, layout: dict) -> dict:
             for n, i in enumerate(index):
                 groups[spec][rows[i]["key"]].append({**rows[i], "map": stored[n], "map_scale": float(scale[n])})
         keys = sorted(set(r["key"] for r in rows))
-        blobs = [b"".join(ipc_blob(by_key.get(k, []), attribution_schema(spec.size, spec.dtype, input_size))
-                          for spec, by_key in groups.items()) for k in keys]
-        empty = ipc_blob([], pa.schema([("key", pa.string())]))
-        batch = pa.table({"key": keys, "shard": [shard] * len(keys), "shard_total": [len(keys)] * len(keys),
-                          "attributions": pa.array(blobs, pa.binary()), "errors": pa.array([empty] * len(keys))})
+        blob = b"".join(ipc_blob([row for k in keys for row in by_key.get(k, [])],
+                                 attribution_schema(spec.size, spec.dtype, input_size))
+                        for spec, by_key in groups.items())
+        schema = output_schema("attributions")
+        batch = pa.Table.from_pydict({"shard": [shard], "shard_total": [len(keys)], "samples": [len(keys)],
+                                      "keys": [keys], "attributions": [blob],
+                                      "errors": [ipc_blob([], ERROR_SCHEMA)]}, schema=schema)
         list(store.commit_complete(write_parts(batch, out, ("parquet",)).to_pylist()))
     manifest = source.manifest()
     manifest["config"].update(map_dtype=layout["dtype"], map_size=layout["size"], map_sizes=layout["sizes"])

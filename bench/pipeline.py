@@ -29,6 +29,7 @@ import torch
 from attribution import models
 from attribution.images import decode_sample
 from attribution.methods import attribute
+from attribution.methods.targets import TopKTargets
 from jobs.attribute import AttributeConfig, run
 from jobs.common import ensure_ray
 from attribution.data.sample_sets import synthetic_samples
@@ -73,11 +74,12 @@ def bare_loop(spec, samples, methods, targets_kind, batch) -> float:
     start = time.perf_counter()
     for i in range(0, len(samples), batch):
         images = spec.preprocessing.normalise(pixels[i:i + batch].float() / 255.0)
-        with torch.no_grad():
-            top = spec.module(images).topk(5, dim=1).indices
-        targets = {"top1": top[:, :1], "top5": top, "label": labels[i:i + batch, None]}[targets_kind]
+        # top-k from the first method's own forward pass (TopKTargets), as the actor does; labels: given
+        targets = labels[i:i + batch, None] if targets_kind == "label" else TopKTargets(5 if targets_kind == "top5"
+                                                                                       else 1)
         for method in methods:
             attribute(method, spec, images, targets).cpu()
+            targets = targets.classes if isinstance(targets, TopKTargets) else targets
     return time.perf_counter() - start
 
 

@@ -4,8 +4,9 @@
                                     [--images 16] [--targets top5] [--device cpu] [--repeats 3]
                                     [--out bench/results/worker_overhead.json]
 
-Both sides get the same decoded batch (random-noise JPEGs through workers.decode). The bare side is one forward
-for the top-5 plus ``attribute(method, …)`` for every method, maps left on the device; the worker side is
+Both sides get the same decoded batch (random-noise JPEGs through workers.decode). The bare side is
+``attribute(method, …)`` for every method, the top-k decided by the first method's own forward pass
+(attribution.methods.targets.TopKTargets, as in the actor), maps left on the device; the worker side is
 ``AttributionWorker.__call__`` on the same batch: the same calls plus moving the maps to the host, scaling,
 float16 conversion and building the Arrow rows. Interleaved rounds after one warm-up, median wall and CPU
 seconds (CPU seconds of this process are what to read on a shared machine with --threads 1; on a GPU, wall);
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 from attribution.methods import attribute
+from attribution.methods.targets import TopKTargets
 from workers.attribution_worker import AttributionWorker, WorkerConfig
 from workers.decode import decode_batch
 from workers.shards import RAW_SCHEMA
@@ -47,15 +49,15 @@ def decoded_batch(worker: AttributionWorker, n: int, seed: int = 0) -> pa.Table:
 
 
 def bare(worker: AttributionWorker, table: pa.Table) -> None:
-    """What the worker cannot avoid: one top-k forward and every method's maps, left on the device."""
+    """What the worker cannot avoid: every method's maps, left on the device, the top-k decided by the first
+    method's own forward pass (TopKTargets; a plain forward first where that method has none)."""
     spec = worker.spec
     pixels = torch.from_numpy(np.ascontiguousarray(table.column("pixels").combine_chunks().to_numpy()))
     images = spec.preprocessing.normalise(pixels.to(spec.device).float() / 255.0)
-    with torch.no_grad():
-        top = spec.module(images).topk(5, dim=1).indices
-    targets = top if worker.config.targets == "top5" else top[:, :1]
+    targets = TopKTargets(5 if worker.config.targets == "top5" else 1)
     for method in worker.config.methods:
         attribute(method, spec, images, targets, **worker.config.options_for(method))
+        targets = targets.classes if isinstance(targets, TopKTargets) else targets
     if spec.device.type == "cuda":
         torch.cuda.synchronize()
 

@@ -178,10 +178,11 @@ def _collect(dataset, store: OutputStore, grid: list[str]) -> tuple[dict, int, d
         if failed.num_rows:
             _write_parquet(store, f"errors/part-{part:05d}.parquet", failed)
             errors += failed.num_rows
-        for shard, key, blob in zip(*(batch.column(c).to_pylist() for c in ("shard", "key", "grid"))):
-            if blob:
-                with np.load(io.BytesIO(blob)) as npz:
-                    grids[grid_id(shard, key)] = {name: npz[name] for name in npz.files}
+        for shard, keys, blobs in zip(*(batch.column(c).to_pylist() for c in ("shard", "keys", "grid"))):
+            for key, blob in zip(keys, blobs):
+                if blob:
+                    with np.load(io.BytesIO(blob)) as npz:
+                        grids[grid_id(shard, key)] = {name: npz[name] for name in npz.files}
     ordered = {g: grids[g] for g in grid if g in grids}
     return {"rows": rows, "images": images}, errors, ordered
 

@@ -31,7 +31,7 @@ from jobs.common import JobError, actor_resources, ensure_ray, fail
 from schemas.storage import StorageError
 from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
-from workers.sink import OutputStore
+from workers.sink import OutputStore, compact_on_ray
 
 SHARDS_HELP = "tar shards: brace patterns, globs, dirs, s3:// gs://, or comma-separated lists of those"
 
@@ -228,8 +228,7 @@ class ShardedRun:
         self._check_same_run(committed, recorded, what)
         self.already_committed = len(committed)
         self.pending = [u for u in uris if shard_name(u) not in committed]
-        for uri in self.pending:
-            self.store.reset_shard(shard_name(uri))
+        self.store.reset_shards([shard_name(u) for u in self.pending])
         self.manifest = {
             "job": job, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": {**key, **recorded}, "versions": versions(),
@@ -271,7 +270,8 @@ class ShardedRun:
             return
         ensure_ray(self.settings.address)
         try:
-            for record in self.store.commit_complete(pipeline(self.pending)):
+            # each complete shard's parts are compacted by a Ray task, then committed here
+            for record in self.store.commit_complete(pipeline(self.pending), submit=compact_on_ray):
                 self._committed(record, noun)
         except BaseException as exc:
             record_failure(self.store, self.manifest, exc)

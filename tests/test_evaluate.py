@@ -10,7 +10,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -176,13 +175,19 @@ def test_shard_map_metrics_streams_whole_samples_and_isolates_a_failure(maps_dir
     keys = sorted(set(attributions.key[attributions.shard == shard]))
     batch = pa.table({"shard": [shard]})
 
-    def rows_of(result):
-        return [pa.ipc.open_stream(b).read_all().to_pylist() if b else [] for b in result["metrics"]]
+    def by_key(result, column="metrics"):
+        """{key: its rows} of the one output row (the one shard) of a ShardMapMetrics call."""
+        (row,) = result.to_pylist()
+        out = {key: [] for key in row["keys"]}
+        for r in pa.ipc.open_stream(row[column]).read_all().to_pylist():
+            out[r["key"]].append(r)
+        return out
 
     whole = mm.ShardMapMetrics(mm.MapMetricsConfig(attributions=str(maps_dir), read_rows=10_000))(batch)
     streamed = mm.ShardMapMetrics(mm.MapMetricsConfig(attributions=str(maps_dir), read_rows=7))(batch)
-    assert list(whole["key"]) == list(streamed["key"]) == keys and set(streamed["shard_total"]) == {len(keys)}
-    assert rows_of(whole) == rows_of(streamed) and all(rows_of(streamed))
+    assert whole["keys"].to_pylist() == streamed["keys"].to_pylist() == [keys]
+    assert streamed["shard_total"].to_pylist() == streamed["samples"].to_pylist() == [len(keys)]
+    assert by_key(whole) == by_key(streamed) and all(by_key(streamed).values())
 
     real, bad = mm.map_metric_rows, keys[0]
 
@@ -193,11 +198,13 @@ def test_shard_map_metrics_streams_whole_samples_and_isolates_a_failure(maps_dir
 
     monkeypatch.setattr(mm, "map_metric_rows", failing)
     result = mm.ShardMapMetrics(mm.MapMetricsConfig(attributions=str(maps_dir), read_rows=7))(batch)
-    errors = [pa.ipc.open_stream(b).read_all().to_pylist() if b else [] for b in result["errors"]]
-    assert list(result["key"]) == keys
-    assert errors[0] == [{"key": bad, "shard": shard, "stage": "evaluate", "method": None,
-                          "reason": f"broken map for {bad}"}]
-    assert rows_of(result)[0] == [] and rows_of(result)[1:] == rows_of(whole)[1:] and not any(errors[1:])
+    errors = by_key(result, "errors")
+    assert result["keys"].to_pylist() == [keys]
+    assert errors[bad] == [{"key": bad, "shard": shard, "stage": "evaluate", "method": None,
+                            "reason": f"broken map for {bad}"}]
+    rows = by_key(result)
+    assert rows[bad] == [] and all(rows[k] == by_key(whole)[k] for k in keys[1:])
+    assert not any(errors[k] for k in keys[1:])
 
 
 def test_fmi_prototype_accuracy_from_label_targets(ray_session, photo_shards, tmp_path):

@@ -80,12 +80,9 @@ def stored_run(decoded: pa.Table, out: Path, **storage) -> tuple[OutputReader, d
     worker = AttributionWorker(WorkerConfig(model=MODEL, methods=["saliency", "gbp", "gradcam"], targets="top5",
                                             device="cpu", **storage))
     rows = worker(decoded)
-    batch = pa.table({"key": rows["key"], "shard": rows["shard"], "shard_total": rows["shard_total"],
-                      "attributions": pa.array(list(rows["attributions"]), pa.binary()),
-                      "errors": pa.array(list(rows["errors"]), pa.binary())})
     store = OutputStore(str(out))
     store.ensure()
-    list(store.commit_complete(write_parts(batch, str(out), ("parquet", "npz")).to_pylist()))
+    list(store.commit_complete(write_parts(rows, str(out), ("parquet", "npz")).to_pylist()))
     return OutputReader(str(out)), rows
 
 
@@ -161,7 +158,7 @@ def test_uint8_refuses_signed_maps_per_sample(decoded, tmp_path):
     reader, rows = stored_run(decoded, tmp_path / "u8", map_dtype="uint8")
     table = reader.read()
     assert sorted(set(table.column("method").to_pylist())) == ["gradcam", "saliency"]  # non-negative by construction
-    errors = pa.concat_tables([pa.ipc.open_stream(b).read_all() for b in rows["errors"]])
+    errors = pa.concat_tables([pa.ipc.open_stream(b).read_all() for b in rows["errors"].to_pylist()])
     assert errors.num_rows == 4 and set(errors.column("method").to_pylist()) == {"gbp"}
     assert "non-negative maps only" in errors.column("reason")[0].as_py()
     assert maps_of(table).min() >= 0

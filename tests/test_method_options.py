@@ -15,6 +15,7 @@ from attribution.errors import AttributionError
 from attribution.methods import REGISTRY, attribute, attribute_with_extras, get_method
 from tests.tolerances import unit_roundoff
 from workers.attribution_worker import AttributionWorker, WorkerConfig
+from workers.batches import ipc_tables
 
 SIZE = 32
 # Cheap values for the options that set a method's cost, so that one call per method stays fast; every other
@@ -96,8 +97,9 @@ def _decoded(spec: models.ModelSpec, n: int) -> pa.Table:
     return decode_batch(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), spec.preprocessing)
 
 
-def _rows(blobs) -> list[dict]:
-    return [r for b in blobs for r in pa.ipc.open_stream(b).read_all().to_pylist()]
+def _rows(column) -> list[dict]:
+    """The rows of an actor output's blob column (one IPC stream or more per shard row)."""
+    return [r for b in column.to_pylist() for t in ipc_tables(b) for r in t.to_pylist()]
 
 
 def _stored_maps(rows: list[dict]) -> np.ndarray:

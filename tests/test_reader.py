@@ -44,11 +44,8 @@ def attribute_into(out: str, shard_uris: list[str], commit: set[str]) -> dict[st
     for uri in shard_uris:
         raw = pa.Table.from_pylist(read_shard(uri), schema=RAW_SCHEMA)
         rows = worker(decode_batch(raw, preprocessing))
-        batch = pa.table({"key": rows["key"], "shard": rows["shard"], "shard_total": rows["shard_total"],
-                          "attributions": pa.array(list(rows["attributions"]), pa.binary()),
-                          "errors": pa.array(list(rows["errors"]), pa.binary())})
-        summaries = write_parts(batch, out, ("parquet",)).to_pylist()
-        for blob in rows["attributions"]:
+        summaries = write_parts(rows, out, ("parquet",)).to_pylist()
+        for blob in rows["attributions"].to_pylist():
             table = pa.ipc.open_stream(blob).read_all()
             for r, row in enumerate(table.select(["key", "method", "target"]).to_pylist()):
                 expected[f"{row['key']}/{row['method']}/{row['target']}"] = maps_of(table.slice(r, 1))[0]

@@ -250,19 +250,20 @@ def test_worker_rows_errors_and_grid(tmp_path):
     decoded = decode_batch(raw, models.preprocessing_for("resnet18"))
     config = SanityConfig(model="resnet18", methods=["gbp", "saliency"], steps=2, targets="label",
                           grid_keys=["photos-000000.tar/chelsea"])
-    out = SanityWorker(config)(decoded)
-    assert out["key"] == ["chelsea", "zz_broken"]
-    rows = pa.ipc.open_stream(out["sanity"][0]).read_all()
+    out = SanityWorker(config)(decoded).to_pylist()
+    assert len(out) == 1 and out[0]["keys"] == ["chelsea", "zz_broken"] and out[0]["samples"] == 2
+    rows = pa.ipc.open_stream(out[0]["sanity"]).read_all()
     validate_sanity(rows)
     assert rows.num_rows == 2 * 3 and set(rows.column("target").to_pylist()) == {281}  # label target
+    assert set(rows.column("key").to_pylist()) == {"chelsea"}  # the broken sample has no rows
     assert rows.column("randomised").to_pylist()[:3] == ["", "fc", "layer4"]
-    assert pa.ipc.open_stream(out["sanity"][1]).read_all().num_rows == 0
-    errors = pa.ipc.open_stream(out["errors"][1]).read_all().to_pylist()
+    errors = pa.ipc.open_stream(out[0]["errors"]).read_all().to_pylist()
     assert len(errors) == 1 and errors[0]["stage"] == "decode" and errors[0]["key"] == "zz_broken"
-    with np.load(io.BytesIO(out["grid"][0])) as npz:
+    grid, no_grid = out[0]["grid"]
+    with np.load(io.BytesIO(grid)) as npz:
         assert npz["maps"].shape == (3, 2, 224, 224) and npz["image"].shape == (224, 224, 3)
         assert list(npz["steps"]) == ["", "fc", "layer4"]
-    assert out["grid"][1] == b""
+    assert no_grid == b""
 
 
 def test_job_end_to_end(ray_session, lite0, tmp_path, capsys):

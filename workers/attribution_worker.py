@@ -11,13 +11,14 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from attribution import models
 from attribution.errors import AttributionError, error_reason
 from attribution.methods import attribute_with_extras, get_method
+from attribution.methods.targets import TopKTargets, plain_forward_targets
 from attribution.precision import compute_precision
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from schemas.maps import MapLayout
-from workers.batches import DecodedBatch, error_row, ipc_blob
+from workers.batches import DecodedBatch, error_row
+from workers.device import device_images, load_model
 
 TARGET_KINDS = ("label", "top1", "top5")
 
@@ -44,6 +45,7 @@ class WorkerConfig:
     layers: bool = False
     device: str | None = None
     threads: int | None = None
+    channels_last: bool | None = None  # None: on CUDA with bf16/fp16 (workers.device)
 
     def options_for(self, method: str) -> dict[str, Any]:
         """Options passed to ``method``: the user's, plus what --fmi / --layers ask for."""
@@ -63,19 +65,18 @@ class WorkerConfig:
 class AttributionWorker:
     """Ray Data callable class: the constructor loads the model once; ``__call__(batch)`` returns a batch.
 
-    Input: decoded rows (workers.decode, as a pyarrow table). Output: one row per sample — ``key``, ``shard``,
-    ``shard_total`` and two Arrow IPC blobs, ``attributions`` (rows of schemas.attributions, one per method x
-    target; one IPC stream per map layout, one after the other) and ``errors`` (rows of ERROR_SCHEMA). Keeping a sample's rows in one row means Ray can split blocks anywhere without
-    splitting a sample. A method that fails on the batch is retried per sample, so one bad sample costs one
+    Input: decoded rows (workers.decode, as a pyarrow table). Output (workers.batches.output_schema): one row per
+    input shard of the batch — ``shard``, ``shard_total``, ``samples``, ``keys`` and two Arrow IPC blobs,
+    ``attributions`` (rows of schemas.attributions, one per sample x method x target, built column by column from
+    one host copy per method and batch; one IPC stream per map layout) and ``errors`` (rows of ERROR_SCHEMA). A
+    method that fails on the batch is retried per sample, so one bad sample costs one
     error row, not the batch.
     """
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        device = torch.device(config.device) if config.device else models.default_device()
-        self.spec = models.load(config.model, config.weights, device=device)
+        self.spec, self.channels_last = load_model(config.model, config.weights, config.device, config.threads,
+                                                   config.precision, config.channels_last)
         for method in config.methods:
             get_method(method).check_precision(config.precision)  # unknown names, refused precisions: once, here
         self.size = self.spec.preprocessing.input_size
@@ -87,52 +88,59 @@ class AttributionWorker:
                         for layout in dict.fromkeys(self.layouts.values())}
         self.calls = 0
 
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, table: pa.Table) -> pa.Table:
         self.calls += 1
         decoded = DecodedBatch(table)
-        by_layout = {layout: [[] for _ in decoded.rows] for layout in self.schemas}
+        tables: dict[MapLayout, list[pa.Table]] = {layout: [] for layout in self.schemas}
         if decoded.good:
-            self._attribute(decoded.columns, decoded.good, by_layout, decoded.errors)
-        blobs = [b"".join(ipc_blob(rows[i], self.schemas[layout]) for layout, rows in by_layout.items())
-                 for i in range(len(decoded.rows))]
-        return decoded.output("attributions", None, ERROR_SCHEMA, result_blobs=blobs)
+            self._attribute(decoded, tables)
+        merged = [pa.concat_tables(parts) if len(parts) > 1 else parts[0] for parts in tables.values() if parts]
+        return decoded.output("attributions", None, ERROR_SCHEMA, tables=merged)
 
-    def _attribute(self, batch: dict[str, np.ndarray], good: list[int], by_layout: dict[MapLayout, list[list[dict]]],
-                   errors: list[list[dict]]) -> None:
-        spec = self.spec
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).to(spec.device)
-        images = spec.preprocessing.normalise(pixels.float() / 255.0)
-        with torch.no_grad(), compute_precision(self.config.precision, spec.device):
-            probs = spec.module(images).float().softmax(dim=1)
-        k = min(5, probs.shape[1])
-        top_prob, top = probs.topk(k, dim=1)
-        targets, valid = self._targets(batch, good, top, probs.shape[1], errors)
-        if not valid:
-            return
-        images, targets = images[valid], targets[valid]
+    def _attribute(self, decoded: DecodedBatch, tables: dict[MapLayout, list[pa.Table]]) -> None:
+        spec, batch, good, errors = self.spec, decoded.columns, decoded.good, decoded.errors
+        images = device_images(spec, batch["pixels"][good], self.channels_last)
+        # top1/top5: the first method's own forward pass decides the targets (no separate forward)
+        forward = TopKTargets(5 if self.config.targets == "top5" else 1)
+        targets: torch.Tensor | TopKTargets = forward
+        valid = list(range(len(good)))
+        if self.config.targets == "label":
+            self._forward(images, forward)  # the top-5 columns of the rows
+            targets, valid = self._label_targets(batch, good, forward.num_classes, errors)
+            if not valid:
+                return
+            images, targets = images[valid], targets.to(spec.device)[valid]
         chosen = [good[v] for v in valid]
-        # one device -> host copy per batch for what every row repeats
-        targets_host, top_host, prob_host = targets.tolist(), top[valid].tolist(), top_prob[valid].tolist()
+        samples = decoded.sample_arrays()
+        predicted = None
         for method in self.config.methods:
             options = self.config.options_for(method)
             start = time.perf_counter()
             results = self._run_method(method, images, targets, options, chosen, batch, errors)
             seconds = (time.perf_counter() - start) / len(chosen)
+            if predicted is None:  # one device -> host copy per batch for what every row repeats
+                self._forward(images, forward)  # no-op unless the first method failed before its forward
+                top = forward.top5[valid] if self.config.targets == "label" else forward.top5
+                prob = forward.top5_prob[valid] if self.config.targets == "label" else forward.top5_prob
+                targets = targets if self.config.targets == "label" else forward.classes
+                predicted = PredictedTargets(targets.cpu().numpy(), _pad5(top.cpu().numpy(), -1),
+                                             _pad5(prob.cpu().numpy(), 0.0))
             if not results:
                 continue
             done = sorted(results)
             layout = self.layouts[method]
             host = self._to_host([results[j] for j in done], layout)
-            rows = by_layout[layout]
-            for n, j in enumerate(done):
-                i = chosen[j]
-                if host["negative"] is not None and host["negative"][n].any():
-                    errors[i].append(error_row(batch, i, "attribute", method, "map has negative values; "
-                                               "--map-dtype uint8 stores non-negative maps only (use int8)"))
-                    continue
-                for t, target in enumerate(targets_host[j]):
-                    rows[i].append(self._row(batch, i, method, options, target, top_host[j], prob_host[j],
-                                             host, n, t, seconds))
+            keep = list(range(len(done)))
+            if host["negative"] is not None:
+                for n in np.flatnonzero(host["negative"].any(axis=1)):
+                    errors[chosen[done[n]]].append(error_row(batch, chosen[done[n]], "attribute", method,
+                                                             "map has negative values; --map-dtype uint8 stores "
+                                                             "non-negative maps only (use int8)"))
+                keep = [n for n in keep if not host["negative"][n].any()]
+            if keep:
+                rows = RowBlock(method, _options_json(options), np.array([chosen[done[n]] for n in keep]),
+                                np.array([done[n] for n in keep]), np.array(keep), seconds)
+                tables[layout].append(self._table(self.schemas[layout], samples, predicted, host, rows))
 
     def _to_host(self, results: list[tuple[torch.Tensor, dict]], layout: MapLayout) -> dict[str, Any]:
         """The maps of one method for J samples ([T, H, W] each, on the device) as host arrays in ``layout``
@@ -150,13 +158,16 @@ class AttributionWorker:
                               for name in extras[0]["layers"]}
         return host
 
-    def _targets(self, batch, good, top, num_classes, errors) -> tuple[torch.Tensor, list[int]]:
-        kind = self.config.targets
-        if kind == "top1":
-            return top[:, :1], list(range(len(good)))
-        if kind == "top5":
-            return top, list(range(len(good)))
-        labels = torch.tensor([int(batch["label"][i]) for i in good], device=top.device)
+    def _forward(self, images: torch.Tensor, forward: TopKTargets) -> None:
+        """Resolve ``forward`` with one plain forward pass (in the run's precision) unless a method already has."""
+        if not forward.resolved:
+            with compute_precision(self.config.precision, self.spec.device):
+                plain_forward_targets(self.spec.module, images, forward)
+
+    def _label_targets(self, batch, good, num_classes: int, errors) -> tuple[torch.Tensor, list[int]]:
+        """(labels [J, 1] of the good samples, positions of those with a usable label); the others get an error
+        row."""
+        labels = torch.tensor([int(batch["label"][i]) for i in good])
         valid = []
         for j, i in enumerate(good):
             if 0 <= int(labels[j]) < num_classes:
@@ -174,6 +185,9 @@ class AttributionWorker:
             return {j: _slice(result, j) for j in range(len(chosen))}
         except Exception:  # noqa: BLE001 -- any failure of one method on one batch becomes error rows
             pass  # find the culprit(s): retry one sample at a time
+        if isinstance(targets, TopKTargets):
+            self._forward(images, targets)
+            targets = targets.classes
         out = {}
         for j in range(len(chosen)):
             try:
@@ -184,26 +198,65 @@ class AttributionWorker:
                 errors[chosen[j]].append(error_row(batch, chosen[j], "attribute", method, error_reason(exc)))
         return out
 
-    def _row(self, batch, i, method, options, target: int, top: list[int], top_prob: list[float],
-             host: dict[str, Any], n: int, t: int, seconds: float) -> dict:
-        """Row of schemas.attributions for sample ``i``'s target column ``t`` (the n-th sample of ``host``)."""
-        top_list = top + [-1] * (5 - len(top))
-        prob_list = top_prob + [0.0] * (5 - len(top_prob))
-        layers = host.get("layers")
-        return {
-            "key": batch["key"][i], "shard": batch["shard"][i], "model": self.config.model,
-            "weights": self.config.weights, "method": method, "options": _options_json(options),
-            "target": target, "target_kind": self.config.targets,
-            "target_rank": top_list.index(target) if target in top_list else -1,
-            "label": int(batch["label"][i]), "wnid": batch["wnid"][i], "top5": top_list, "top5_prob": prob_list,
-            "width": int(batch["width"][i]), "height": int(batch["height"][i]),
-            "bboxes": json.loads(batch["bboxes"][i]), "bboxes_input": json.loads(batch["bboxes_input"][i]),
-            "map": host["map"][n, t], "map_scale": float(host["scale"][n, t]),
-            "fmi": host["fmi"][n, t].tolist() if "fmi" in host else None,
-            "layers": [{"name": name, "height": m.shape[-2], "width": m.shape[-1], "values": m[n, t].ravel().tolist()}
-                       for name, m in layers.items()] if layers is not None else None,
-            "seconds": seconds,
-        }
+    def _table(self, schema: pa.Schema, samples: dict[str, pa.Array], predicted: "PredictedTargets",
+               host: dict[str, Any], rows: "RowBlock") -> pa.Table:
+        """The rows of schemas.attributions for one method's maps: one per (kept sample, target column), sample
+        major, built column by column from ``host`` (see :meth:`_to_host`) without a Python dict per row."""
+        columns = {"key", "shard", "label", "wnid", "width", "height", "bboxes", "bboxes_input"}
+        targets = predicted.targets[rows.positions]  # [J, T]
+        per_target = targets.shape[1]
+        count = targets.size
+        top5 = np.repeat(predicted.top5[rows.positions], per_target, axis=0)  # [R, 5]
+        flat_targets = targets.reshape(-1)
+        hits = top5 == flat_targets[:, None]
+        rank = np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
+        index = pa.array(np.repeat(rows.samples, per_target))
+        maps = host["map"][rows.host]
+        data: dict[str, pa.Array] = {name: samples[name].take(index) for name in columns}
+        data.update({
+            "model": _repeat(self.config.model, pa.string(), count),
+            "weights": _repeat(self.config.weights, pa.string(), count),
+            "method": _repeat(rows.method, pa.string(), count),
+            "options": _repeat(rows.options, pa.string(), count),
+            "target": pa.array(flat_targets.astype(np.int32)),
+            "target_kind": _repeat(self.config.targets, pa.string(), count),
+            "target_rank": pa.array(rank.astype(np.int8)),
+            "top5": pa.FixedSizeListArray.from_arrays(pa.array(top5.reshape(-1).astype(np.int32)), 5),
+            "top5_prob": pa.FixedSizeListArray.from_arrays(pa.array(
+                np.repeat(predicted.top5_prob[rows.positions], per_target, axis=0).reshape(-1).astype(np.float32)), 5),
+            "map": pa.FixedShapeTensorArray.from_numpy_ndarray(
+                np.ascontiguousarray(maps.reshape(count, *maps.shape[2:]))),
+            "map_scale": pa.array(host["scale"][rows.host].reshape(-1).astype(np.float32)),
+            "fmi": _lists(host["fmi"][rows.host]) if "fmi" in host else pa.nulls(count, schema.field("fmi").type),
+            "layers": (_layer_lists(host["layers"], rows.host, schema.field("layers").type) if "layers" in host
+                       else pa.nulls(count, schema.field("layers").type)),
+            "seconds": _repeat(rows.seconds, pa.float32(), count),
+        })
+        return pa.Table.from_arrays([data[name] for name in schema.names], schema=schema)
+
+
+@dataclass
+class PredictedTargets:
+    """What the top-k forward gave for the batch's valid samples, on the host: ``targets`` [J, T] (the classes
+    the maps explain), ``top5`` [J, 5] (class indices, -1 padded) and ``top5_prob`` [J, 5] (softmax, 0 padded)."""
+
+    targets: np.ndarray
+    top5: np.ndarray
+    top5_prob: np.ndarray
+
+
+@dataclass
+class RowBlock:
+    """One method's kept samples in a batch: ``samples`` [J] (positions in the decoded batch), ``positions`` [J]
+    (positions among the valid samples, i.e. in PredictedTargets), ``host`` [J] (positions in the host maps);
+    ``seconds``: the method's time per image."""
+
+    method: str
+    options: str
+    samples: np.ndarray
+    positions: np.ndarray
+    host: np.ndarray
+    seconds: float
 
 
 def encode_maps(maps: torch.Tensor, layout: MapLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -226,6 +279,31 @@ def encode_maps(maps: torch.Tensor, layout: MapLayout) -> tuple[np.ndarray, np.n
     low = -layout.levels if layout.dtype == "int8" else 0
     stored = levels.clamp(low, layout.levels).to(getattr(torch, layout.dtype)).cpu().numpy()
     return stored, scale.cpu().numpy(), negative
+
+
+def _pad5(values: np.ndarray, fill: float) -> np.ndarray:
+    """[J, k] (k <= 5) -> [J, 5], padded with ``fill``."""
+    return np.pad(values, ((0, 0), (0, 5 - values.shape[1])), constant_values=fill)
+
+
+def _repeat(value: Any, dtype: pa.DataType, count: int) -> pa.Array:
+    return pa.nulls(count, dtype) if value is None else pa.repeat(pa.scalar(value, dtype), count)
+
+
+def _lists(values: np.ndarray) -> pa.Array:
+    """[J, T, K] -> a list<float32> array of J·T rows of K values."""
+    rows, width = values.shape[0] * values.shape[1], values.shape[-1]
+    offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1).astype(np.float32)))
+
+
+def _layer_lists(layers: dict[str, np.ndarray], host: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """TR-GBP's per-layer maps {name: [J', T, h, w]} of the kept samples ``host`` as one list of structs per row."""
+    chosen = {name: m[host] for name, m in layers.items()}
+    first = next(iter(chosen.values()))
+    return pa.array([[{"name": name, "height": m.shape[-2], "width": m.shape[-1], "values": m[n, t].ravel().tolist()}
+                      for name, m in chosen.items()]
+                     for n in range(first.shape[0]) for t in range(first.shape[1])], type=dtype)
 
 
 def _slice(result, j: int) -> tuple[torch.Tensor, dict]:

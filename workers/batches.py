@@ -1,18 +1,31 @@
 """What every model-pinning actor does with a batch of decoded samples around its own work, in one place.
 
-In: a pyarrow table of decoded rows (workers.decode.DECODED_SCHEMA + ``pixels``). Out: one row per sample — ``key``,
-``shard``, ``shard_total`` and Arrow IPC blobs of the sample's result rows and error rows — so Ray can split blocks
-anywhere without splitting a sample. Samples that failed upstream (read, decode) carry their error row from the
-start and are not passed to the actor's own work.
+In: a pyarrow table of decoded rows (workers.decode.DECODED_SCHEMA + ``pixels``). Out: one row per input shard of
+the batch (:data:`OUTPUT_SCHEMA`) — ``shard``, ``shard_total``, ``samples`` (how many of the shard's samples the
+row holds), ``keys`` and Arrow IPC blobs of those samples' result rows and error rows. A row is never split by
+Ray, so a sample's results always travel whole; one blob per shard and batch (not one per sample) keeps the
+actors' and the write step's per-sample Python out of the way (bench/scale.py). Samples that failed upstream
+(read, decode) carry their error row from the start and are not passed to the actor's own work.
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from schemas.attributions import BOXES
 from workers.decode import DECODED_SCHEMA
+
+
+def output_schema(results: str, **extra: pa.DataType) -> pa.Schema:
+    """Schema of an actor's output rows: ``shard``, ``shard_total``, ``samples``, ``keys``, the ``results`` blob,
+    the ``errors`` blob, then one list column per ``extra`` (values aligned with ``keys``)."""
+    return pa.schema([("shard", pa.string()), ("shard_total", pa.int64()), ("samples", pa.int64()),
+                      ("keys", pa.list_(pa.string())), (results, pa.binary()), ("errors", pa.binary()),
+                      *[(name, pa.list_(dtype)) for name, dtype in extra.items()]])
 
 
 class DecodedBatch:
@@ -20,10 +33,12 @@ class DecodedBatch:
 
     ``columns``: {DECODED_SCHEMA column: list of N values}; ``pixels``: uint8 [N, 3, S, S]; ``rows[i]`` /
     ``errors[i]``: the result rows / error rows (dicts) of sample ``i``; ``good``: the samples without an upstream
-    error, in batch order.
+    error, in batch order. :meth:`sample_arrays` gives the per-sample columns as Arrow arrays for actors that
+    build their result tables column by column.
     """
 
     def __init__(self, table: pa.Table) -> None:
+        self.table = table
         self.columns: dict[str, Any] = {name: table.column(name).to_pylist() for name in DECODED_SCHEMA.names}
         self.columns["pixels"] = table.column("pixels").combine_chunks().to_numpy()
         n = table.num_rows
@@ -35,18 +50,45 @@ class DecodedBatch:
                 self.errors[i].append(error_row(self.columns, i, self.columns["stage"][i], None, failed[i]))
         self.good = [i for i in range(n) if failed[i] is None]
 
-    def output(self, results: str, result_schema: pa.Schema | None, error_schema: pa.Schema,
-               result_blobs: list[bytes] | None = None, **extra: list) -> dict[str, np.ndarray | list]:
-        """The actor's output batch: ``key``, ``shard``, ``shard_total``, ``results`` (IPC blob of each sample's
-        rows of ``result_schema``, or the given ``result_blobs``), ``errors`` (IPC blob of its rows of
-        ``error_schema``) and the ``extra`` per-sample columns."""
+    def sample_arrays(self) -> dict[str, pa.Array]:
+        """Per-sample columns [N] in the result schemas' types: ``key``, ``shard``, ``wnid`` (string), ``label``,
+        ``width``, ``height`` (int32; pixels of the original image), ``bboxes``, ``bboxes_input`` (boxes
+        [x0, y0, x1, y1], original / map pixels)."""
         c = self.columns
-        if result_blobs is None:
-            result_blobs = [ipc_blob(r, result_schema) for r in self.rows]
-        return {"key": c["key"], "shard": c["shard"], "shard_total": c["shard_total"],
-                results: np.array(result_blobs, dtype=object),
-                "errors": np.array([ipc_blob(e, error_schema) for e in self.errors], dtype=object),
-                **{name: np.array(values, dtype=object) for name, values in extra.items()}}
+        out = {name: pa.array(c[name], pa.string()) for name in ("key", "shard", "wnid")}
+        out.update({name: pa.array(c[name], pa.int32()) for name in ("label", "width", "height")})
+        out.update({name: pa.array([json.loads(v) for v in c[name]], BOXES) for name in ("bboxes", "bboxes_input")})
+        return out
+
+    def output(self, results: str, result_schema: pa.Schema, error_schema: pa.Schema,
+               tables: Sequence[pa.Table] | None = None, **extra: tuple[pa.DataType, list]) -> pa.Table:
+        """The actor's output batch (:func:`output_schema`): one row per shard of the batch, in first-seen order.
+        Its ``results`` blob holds the shard's rows of ``result_schema`` — from ``self.rows``, or, when ``tables``
+        is given, the rows of those tables (one IPC stream per table schema, e.g. per map layout; each table has a
+        ``shard`` column); ``errors`` holds the shard's ``self.errors`` as ``error_schema`` rows; each ``extra``
+        (name=(type, per-sample values [N])) becomes a list column aligned with ``keys``."""
+        c = self.columns
+        shards = c["shard"]
+        order = list(dict.fromkeys(shards))
+        members = {shard: [i for i, s in enumerate(shards) if s == shard] for shard in order}
+        out: dict[str, list] = {name: [] for name in output_schema(results, **{k: v[0] for k, v in extra.items()})
+                                .names}
+        for shard in order:
+            idx = members[shard]
+            if tables is None:
+                blob = ipc_blob([row for i in idx for row in self.rows[i]], result_schema)
+            else:
+                parts = [_rows_of_shard(t, shard, len(order) == 1) for t in tables]
+                blob = b"".join(ipc_blob(part) for part in parts if part.num_rows)
+            out["shard"].append(shard)
+            out["shard_total"].append(c["shard_total"][idx[0]])
+            out["samples"].append(len(idx))
+            out["keys"].append([c["key"][i] for i in idx])
+            out[results].append(blob)
+            out["errors"].append(ipc_blob([row for i in idx for row in self.errors[i]], error_schema))
+            for name, (_, values) in extra.items():
+                out[name].append([values[i] for i in idx])
+        return pa.Table.from_pydict(out, schema=output_schema(results, **{k: v[0] for k, v in extra.items()}))
 
 
 def error_row(columns: dict[str, Any], i: int, stage: str | None, method: str | None, reason: str) -> dict:
@@ -57,12 +99,17 @@ def error_row(columns: dict[str, Any], i: int, stage: str | None, method: str | 
             "reason": reason}
 
 
-def ipc_blob(rows: list[dict], schema: pa.Schema) -> bytes:
-    """Rows (dicts) as an Arrow IPC stream of ``schema`` (an empty list gives a valid empty stream). A ``map``
-    column (fixed-shape tensor) is built from the rows' NumPy arrays in one piece."""
-    table = _table_with_maps(rows, schema) if "map" in schema.names else pa.Table.from_pylist(rows, schema=schema)
+def ipc_blob(rows: list[dict] | pa.Table, schema: pa.Schema | None = None) -> bytes:
+    """Rows as an Arrow IPC stream: a table as it is, or dicts of ``schema`` (an empty list gives a valid empty
+    stream; a ``map`` column — fixed-shape tensor — is built from the rows' NumPy arrays in one piece)."""
+    if isinstance(rows, pa.Table):
+        table = rows
+    elif "map" in schema.names:
+        table = _table_with_maps(rows, schema)
+    else:
+        table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
@@ -75,6 +122,10 @@ def ipc_tables(blob: bytes) -> list[pa.Table]:
     while source.tell() < len(blob):
         tables.append(pa.ipc.open_stream(source).read_all())
     return tables
+
+
+def _rows_of_shard(table: pa.Table, shard: str, only_shard: bool) -> pa.Table:
+    return table if only_shard else table.filter(pc.equal(table.column("shard"), shard))
 
 
 def _table_with_maps(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -90,4 +141,4 @@ def _table_with_maps(rows: list[dict], schema: pa.Schema) -> pa.Table:
                                                                                        type=map_field.type))
 
 
-__all__ = ["DecodedBatch", "error_row", "ipc_blob", "ipc_tables"]
+__all__ = ["DecodedBatch", "error_row", "ipc_blob", "ipc_tables", "output_schema"]

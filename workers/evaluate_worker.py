@@ -14,11 +14,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
-from attribution import models
 from attribution.errors import error_reason
 from attribution.precision import compute_precision
 from attribution.metrics.perturbation import black_baseline, curve_auc, perturbation_curves, pixel_order
@@ -26,6 +24,7 @@ from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import PIXEL_NOISE, noise_for, road_curves
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
 from workers.batches import DecodedBatch, error_row
+from workers.device import device_images, load_model
 from workers.map_metrics import (ATTRIBUTION_COLUMNS, MAP_METRICS, RowContext, map_metric_rows,
                                  sort_attribution_rows)
 from schemas.reader import OutputReader, maps_of
@@ -77,22 +76,21 @@ class EvaluateConfig:
 
 
 class EvaluateWorker:
-    """Ray Data callable class: decoded samples (workers.decode) in, one row per sample out — ``key``, ``shard``,
-    ``shard_total`` and two Arrow IPC blobs: ``metrics`` (rows of schemas.metrics.METRIC_SCHEMA) and ``errors``
-    (rows of METRIC_ERROR_SCHEMA). A batch that fails is retried sample by sample, so one bad sample costs one
-    error row."""
+    """Ray Data callable class: decoded samples (workers.decode) in; out one row per shard of the batch
+    (workers.batches.output_schema) with two Arrow IPC blobs: ``metrics`` (rows of schemas.metrics.METRIC_SCHEMA)
+    and ``errors`` (rows of METRIC_ERROR_SCHEMA). A batch that fails is retried sample by sample, so one bad
+    sample costs one error row."""
 
     def __init__(self, config: EvaluateConfig) -> None:
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        device = torch.device(config.device) if config.device else models.default_device()
-        self.spec = models.load(config.model, config.weights, device=device)
+        self.spec, self.channels_last = load_model(config.model, config.weights, config.device, config.threads,
+                                                   config.precision)
+        device = self.spec.device
         self.size = self.spec.preprocessing.input_size
         self.baseline = black_baseline(self.spec.preprocessing).to(device)
         self.maps = OutputReader(config.attributions)  # a snapshot of its commits: listed once, on first use
 
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, table: pa.Table) -> pa.Table:
         decoded = DecodedBatch(table)
         batch, rows, errors, good = decoded.columns, decoded.rows, decoded.errors, decoded.good
         if good:
@@ -124,8 +122,7 @@ class EvaluateWorker:
         meta = {name: table.column(name).to_pylist() for name in ATTRIBUTION_COLUMNS if name != "map"}
         maps = torch.from_numpy(maps_of(table)).to(device)
         sample_of = [position[(s, k)] for s, k in zip(meta["shard"], meta["key"])]
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).to(device)
-        images = self.spec.preprocessing.normalise(pixels.float() / 255.0)
+        images = device_images(self.spec, batch["pixels"][good], self.channels_last)
         image_of = [good.index(i) for i in sample_of]
         context = RowContext(meta, sample_of)
         wanted = set(self.config.metrics)

@@ -25,12 +25,13 @@ from attribution.metrics.discrimination import class_discrimination
 from attribution.metrics.localisation import border_intensity, box_area_share, box_mask, energy_pointing_game
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
 from schemas.reader import OutputReader, maps_of
-from workers.batches import ipc_blob
+from workers.batches import ipc_blob, output_schema
 
 MAP_METRICS = ("ebpg", "ibd", "class_discrimination", "seconds")
 ATTRIBUTION_COLUMNS = ["key", "shard", "model", "weights", "method", "options", "target", "target_kind",
                        "target_rank", "label", "top5", "width", "height", "bboxes", "bboxes_input", "map",
                        "map_scale", "seconds"]
+OUTPUT = output_schema("metrics")
 _ORDER = [("shard", "ascending"), ("key", "ascending"), ("method", "ascending"), ("target_rank", "ascending"),
           ("target", "ascending")]
 
@@ -141,31 +142,29 @@ class MapMetricsConfig:
 
 
 class ShardMapMetrics:
-    """Ray Data callable: rows ``shard`` (shard names of the attribution run) in; one row per sample of those
-    shards out — ``key``, ``shard``, ``shard_total`` (samples with maps in the shard) and the IPC blobs ``metrics``
-    (METRIC_SCHEMA rows) and ``errors`` (METRIC_ERROR_SCHEMA rows), the format ``workers.sink.write_metric_parts``
-    stages. A sample whose metrics fail gets one error row; the others are kept."""
+    """Ray Data callable: rows ``shard`` (shard names of the attribution run) in; one row per shard out
+    (workers.batches.output_schema: ``shard``, ``shard_total`` = ``samples`` = the samples with maps in the shard,
+    ``keys`` in key order, and the IPC blobs ``metrics`` (METRIC_SCHEMA rows) and ``errors`` (METRIC_ERROR_SCHEMA
+    rows)), the format ``workers.sink.write_metric_parts`` stages. A sample whose metrics fail gets one error row;
+    the others are kept."""
 
     def __init__(self, config: MapMetricsConfig) -> None:
         self.config = config
         self.store = OutputReader(config.attributions)
 
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {"key": [], "shard": [], "shard_total": [], "metrics": [], "errors": []}
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: dict[str, list[Any]] = {name: [] for name in OUTPUT.names}
         for shard in batch.column("shard").to_pylist():
             merged: dict[str, tuple[list[dict], list[dict]]] = {}
             for key, rows, errors in self._shard_units(shard):  # a sample's methods may sit in several files
                 merged.setdefault(key, ([], []))[0].extend(rows)
                 merged[key][1].extend(errors)
-            units = [(key, *merged[key]) for key in sorted(merged)]
-            for key, rows, errors in units:
-                out["key"].append(key)
-                out["shard"].append(shard)
-                out["shard_total"].append(len(units))
-                out["metrics"].append(ipc_blob(rows, METRIC_SCHEMA))
-                out["errors"].append(ipc_blob(errors, METRIC_ERROR_SCHEMA))
-        return {name: np.array(values, dtype=object if name in ("metrics", "errors") else None)
-                for name, values in out.items()}
+            keys = sorted(merged)
+            for name, value in (("shard", shard), ("shard_total", len(keys)), ("samples", len(keys)), ("keys", keys)):
+                out[name].append(value)
+            out["metrics"].append(ipc_blob([row for key in keys for row in merged[key][0]], METRIC_SCHEMA))
+            out["errors"].append(ipc_blob([row for key in keys for row in merged[key][1]], METRIC_ERROR_SCHEMA))
+        return pa.Table.from_pydict(out, schema=OUTPUT)
 
     def _shard_units(self, shard: str) -> Iterator[tuple[str, list[dict], list[dict]]]:
         """(key, metric rows, error rows) for every sample of ``shard`` with attribution rows. A chunk of samples

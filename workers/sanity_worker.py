@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from attribution import models
 from attribution.errors import AttributionError, error_reason
 from attribution.methods import get_method
 from attribution.precision import compute_precision
@@ -18,6 +17,7 @@ from attribution.sanity import cascading_maps, randomisation_blocks, similarity_
 from schemas.attributions import ERROR_SCHEMA
 from schemas.metrics import SANITY_SCHEMA
 from workers.batches import DecodedBatch, error_row
+from workers.device import device_images, load_model
 
 SANITY_TARGETS = ("top1", "label")
 FAILURES = Exception  # any failure of one method on one batch becomes error rows, not a failed job
@@ -51,40 +51,38 @@ def grid_id(shard: str, key: str) -> str:
 
 
 class SanityWorker:
-    """Ray Data callable class: decoded samples (workers.decode, a pyarrow table) in, one row per sample out —
-    ``key``, ``shard``, and three binary columns: ``sanity`` (Arrow IPC stream of SANITY_SCHEMA rows: one per
-    method x step), ``errors`` (IPC stream of schemas.attributions.ERROR_SCHEMA rows) and ``grid`` (for samples
-    in ``grid_keys``: :func:`grid_npz` bytes; else empty). A method that fails on the batch is retried one sample
-    at a time, so a bad sample costs error rows, never the job.
+    """Ray Data callable class: decoded samples (workers.decode, a pyarrow table) in; out one row per shard of the
+    batch (workers.batches.output_schema) with ``sanity`` (Arrow IPC stream of SANITY_SCHEMA rows: one per method x
+    step), ``errors`` (IPC stream of schemas.attributions.ERROR_SCHEMA rows) and ``grid`` (a list aligned with
+    ``keys``: for samples in ``grid_keys`` :func:`grid_npz` bytes, else empty). A method that fails on the batch is
+    retried one sample at a time, so a bad sample costs error rows, never the job.
     """
 
     def __init__(self, config: SanityConfig) -> None:
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
         if config.targets not in SANITY_TARGETS:
             raise AttributionError(f"sanity targets must be one of {', '.join(SANITY_TARGETS)}, got {config.targets!r}")
-        device = torch.device(config.device) if config.device else models.default_device()
-        self.spec = models.load(config.model, config.weights, device=device)
+        # contiguous images: the cascade randomises copies of the model, which keep the memory format
+        self.spec, _ = load_model(config.model, config.weights, config.device, config.threads, config.precision,
+                                  channels_last=False)
         for method in config.methods:
             get_method(method)(None)._check_options(config.method_options.get(method, {}))
         blocks = [name for name, _ in randomisation_blocks(self.spec)]
         self.blocks = blocks[:config.steps] if config.steps is not None else blocks
         self.grid = set(config.grid_keys)
 
-    def __call__(self, table: pa.Table) -> dict[str, Any]:
+    def __call__(self, table: pa.Table) -> pa.Table:
         decoded = DecodedBatch(table)
         grids: list[bytes] = [b""] * len(decoded.rows)
         if decoded.good:
             self._sanity(decoded.columns, decoded.columns["pixels"], decoded.good, decoded.rows, decoded.errors,
                          grids)
-        return decoded.output("sanity", SANITY_SCHEMA, ERROR_SCHEMA, grid=grids)
+        return decoded.output("sanity", SANITY_SCHEMA, ERROR_SCHEMA, grid=(pa.binary(), grids))
 
     def _sanity(self, batch: dict, pixels: np.ndarray, good: list[int], rows: list[list[dict]],
                 errors: list[list[dict]], grids: list[bytes]) -> None:
         spec = self.spec
-        images = spec.preprocessing.normalise(
-            torch.from_numpy(np.ascontiguousarray(pixels[good])).to(spec.device).float() / 255.0)
+        images = device_images(spec, pixels[good])
         with torch.no_grad():
             logits = spec.module(images)
         top1 = logits.argmax(dim=1)

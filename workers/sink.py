@@ -10,8 +10,9 @@ Layout of an output directory (local path or object-store URI)::
     _commits/<shard>.json                  commit record: the shard's files and counts
     _staging/<shard>/…                     parts of shards not yet complete
 
-Exactly once: parts are written to ``_staging``; when the driver has seen every sample of a shard written, it
-moves the shard's parts into place and then writes the commit record. A rerun trusts only commit records:
+Exactly once: parts are written to ``_staging``; when the driver has seen every sample of a shard written, the
+shard's parts are compacted (one Parquet file per kind and map layout, up to COMPACT_BYTES each: the write step
+makes one part per actor batch), moved into place, and then the commit record is written. A rerun trusts only commit records:
 everything of an uncommitted shard is deleted and recomputed. Parts written by a retried task that never
 reported back are never listed in a commit, so they never reach a reader. The public reader (schemas.reader:
 ``OutputReader``, ``read_table``, ``maps_of``, re-exported here) reads committed shards only; ``pandas.read_parquet``
@@ -26,7 +27,9 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import sys
 import uuid
+from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -46,6 +49,7 @@ KINDS = ("attributions", "errors", "npz", "metrics")
 SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("shard_total", pa.int64()), ("samples", pa.int64()),
                             ("rows", pa.int64()), ("error_rows", pa.int64()), ("files", pa.string())])
 ROW_GROUP_SIZE = 256  # rows are written sorted by key in small row groups, so a key filter reads little
+COMPACT_BYTES = 512 * 1024 ** 2  # at most this much of a shard's staged parts goes into one compacted file
 COUNTS = ("samples", "rows", "error_rows")
 
 
@@ -68,6 +72,17 @@ class OutputStore(OutputReader):
         for directory in [self.path("_staging", shard)] + [self.path(kind, shard) for kind in KINDS]:
             if self.fs.get_file_info(directory).type == pafs.FileType.Directory:
                 self.fs.delete_dir(directory)
+
+    def reset_shards(self, shards: Iterable[str]) -> None:
+        """:meth:`reset_shard` for each of ``shards`` that has leftovers: one listing per output kind (and of
+        ``_staging``), not a few lookups per shard (a fresh 10,000-shard run on S3 would make ~50,000 requests)."""
+        wanted = set(shards)
+        present: set[str] = set()
+        for directory in ("_staging",) + KINDS:
+            found = self.fs.get_file_info(pafs.FileSelector(self.path(directory), allow_not_found=True))
+            present.update(info.base_name for info in found if info.type == pafs.FileType.Directory)
+        for shard in sorted(wanted & present):
+            self.reset_shard(shard)
 
     def clear(self) -> None:
         """Delete every output of previous runs (--overwrite). StorageError when the location cannot be reached."""
@@ -96,11 +111,19 @@ class OutputStore(OutputReader):
             self.fs.delete_dir(staging)
         return record
 
-    def commit_complete(self, summaries: Iterable[dict[str, Any]]) -> Iterator[dict]:
+    def commit_complete(self, summaries: Iterable[dict[str, Any]],
+                        submit: Callable[[str, str, list[str]], Future] | None = None) -> Iterator[dict]:
         """The driver's side of exactly-once: consume write-step summaries (SUMMARY_SCHEMA rows, in any order and
-        split) and commit each shard as soon as all its samples are written; yields each commit record (``shard``,
-        ``files``, ``samples``, ``rows``, ``error_rows``) right after it is written."""
+        split) and commit each shard once all its samples are written; yields each commit record (``shard``,
+        ``files``, ``samples``, ``rows``, ``error_rows``) right after it is written.
+
+        Before its commit a complete shard's staged parts are compacted (:func:`compact_parts`: at most a few
+        Parquet files per shard and kind). ``submit(uri, shard, files)`` runs that elsewhere and returns a
+        Future of the compacted file list (jobs submit a Ray task, so the driver only moves files); None:
+        compact here. A shard is committed when its compaction is done; the ones still running when the
+        summaries end are waited for, in order. A failed compaction commits the parts as they were written."""
         seen: dict[str, dict] = {}
+        running: dict[str, tuple[Future, dict]] = {}
         for part in summaries:
             shard = part["shard"]
             state = seen.setdefault(shard, {**{k: 0 for k in COUNTS}, "files": []})
@@ -108,7 +131,24 @@ class OutputStore(OutputReader):
                 state[key] += part[key]
             state["files"] += json.loads(part["files"])
             if state["samples"] == part["shard_total"]:
-                yield self.commit(shard, state["files"], {k: state[k] for k in COUNTS})
+                if submit is None:
+                    yield self.commit(shard, compact_parts(self.uri, shard, state["files"]),
+                                      {k: state[k] for k in COUNTS})
+                else:
+                    running[shard] = (submit(self.uri, shard, state["files"]), state)
+            for done in [name for name, (future, _) in running.items() if future.done()]:
+                yield self._commit_compacted(done, *running.pop(done))
+        for name in list(running):
+            yield self._commit_compacted(name, *running.pop(name))
+
+    def _commit_compacted(self, shard: str, future: Future, state: dict) -> dict:
+        try:
+            files = future.result()
+        except Exception as exc:  # noqa: BLE001 -- the parts as written are a correct (if many-file) output
+            print(f"warning: compacting {shard} failed ({first_line(exc)}); committing its parts as written",
+                  file=sys.stderr, flush=True)
+            files = state["files"]
+        return self.commit(shard, files, {k: state[k] for k in COUNTS})
 
     def write_json(self, rel: str, data: dict) -> None:
         """Write JSON at ``rel`` atomically (temporary file, then move)."""
@@ -119,9 +159,70 @@ class OutputStore(OutputReader):
         self.fs.move(tmp, self.path(rel))
 
 
+def compact_parts(uri: str, shard: str, files: list[str], max_bytes: int | None = None) -> list[str]:
+    """Merge a complete shard's staged Parquet parts (paths relative to ``uri``) into few files and return the
+    shard's new staged file list (other formats, e.g. NPZ, and single parts pass through unchanged).
+
+    Parts of one kind and map layout (the part name's suffix) are concatenated in write order, at most
+    ``max_bytes`` (default COMPACT_BYTES) of input per output file, and written sorted by key in row groups of
+    ROW_GROUP_SIZE rows, like every part. Rows are never split or dropped, so a sample's rows of one method stay in
+    one file. The merged parts stay where they are until the commit deletes the shard's staging directory, so a
+    retried or failed compaction never loses a part."""
+    limit = COMPACT_BYTES if max_bytes is None else max_bytes
+    store = OutputStore(uri)
+    groups: dict[tuple[str, str], list[str]] = {}
+    out = []
+    for rel in files:
+        name = posixpath.basename(rel)
+        if not name.endswith(".parquet"):
+            out.append(rel)
+            continue
+        kind, rest = name[:-len(".parquet")].split("-", 1)
+        groups.setdefault((kind, rest[32:]), []).append(rel)  # rest: <uuid hex (32)>[-<layout>]
+    for (kind, layout), parts in groups.items():
+        if len(parts) == 1:
+            out += parts
+            continue
+        sizes = {rel: store.fs.get_file_info(store.path(rel)).size for rel in parts}
+        chunks: list[list[str]] = [[]]
+        for rel in parts:
+            if chunks[-1] and sum(sizes[c] for c in chunks[-1]) + sizes[rel] > limit:
+                chunks.append([])
+            chunks[-1].append(rel)
+        for chunk in chunks:
+            if len(chunk) == 1:
+                out += chunk
+                continue
+            table = pa.concat_tables([pq.read_table(store.path(c), filesystem=store.fs) for c in chunk])
+            out.append(_write_parquet(store, shard, f"{kind}-{uuid.uuid4().hex}{layout}.parquet", table))
+    return out
+
+
+_REMOTE_COMPACT: Any = None
+
+
+def compact_on_ray(uri: str, shard: str, files: list[str]) -> Future:
+    """``submit`` for :meth:`OutputStore.commit_complete`: :func:`compact_parts` as a Ray task (0 CPUs: it is
+    mostly I/O, and a task waiting for a CPU the pipeline holds would hold back every commit; retried twice).
+    Without a connected Ray (a driver loop fed by plain iterables) it runs here and returns a finished Future."""
+    import ray
+
+    if not ray.is_initialized():
+        future: Future = Future()
+        try:
+            future.set_result(compact_parts(uri, shard, files))
+        except Exception as exc:  # noqa: BLE001 -- reported by commit_complete, which commits the parts as written
+            future.set_exception(exc)
+        return future
+    global _REMOTE_COMPACT
+    if _REMOTE_COMPACT is None:
+        _REMOTE_COMPACT = ray.remote(num_cpus=0, max_retries=2)(compact_parts)
+    return _REMOTE_COMPACT.remote(uri, shard, files).future()
+
+
 def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...]) -> pa.Table:
-    """Ray Data step of jobs.attribute: stage a batch of AttributionWorker rows (one per sample, with IPC blobs
-    ``attributions`` and ``errors``), grouped by shard: one Parquet (and/or NPZ) part per shard and map layout
+    """Ray Data step of jobs.attribute: stage a batch of AttributionWorker rows (workers.batches.output_schema: one
+    per actor batch and shard, with IPC blobs ``attributions`` and ``errors``), grouped by shard: one Parquet (and/or NPZ) part per shard and map layout
     (schemas.maps). Returns one SUMMARY_SCHEMA row per shard in the batch."""
     def write(store: OutputStore, shard: str, part: str, groups: list[pa.Table]) -> list[str]:
         staged = []
@@ -139,8 +240,8 @@ def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...]) -> pa.Table
 
 
 def write_metric_parts(batch: pa.Table, uri: str) -> pa.Table:
-    """Ray Data step of jobs.evaluate: stage a batch of EvaluateWorker rows (one per sample, with IPC blobs
-    ``metrics`` and ``errors``), grouped by shard. Returns one SUMMARY_SCHEMA row per shard in the batch."""
+    """Ray Data step of jobs.evaluate: stage a batch of EvaluateWorker / ShardMapMetrics rows
+    (workers.batches.output_schema, with IPC blobs ``metrics`` and ``errors``), grouped by shard. Returns one SUMMARY_SCHEMA row per shard in the batch."""
     def write(store: OutputStore, shard: str, part: str, groups: list[pa.Table]) -> list[str]:
         for rows in groups:
             validate_metrics(rows)
@@ -157,6 +258,7 @@ def _stage(batch: pa.Table, uri: str, kind: str,
     store = OutputStore(uri)
     shards = batch.column("shard").to_pylist()
     totals = dict(zip(shards, batch.column("shard_total").to_pylist()))
+    samples = batch.column("samples").to_pylist()
     blobs = {column: batch.column(column).to_pylist() for column in (kind, "errors")}
     summaries = []
     for shard in sorted(set(shards)):
@@ -169,7 +271,7 @@ def _stage(batch: pa.Table, uri: str, kind: str,
         staged = write(store, shard, part, groups) if groups else []
         if errors.num_rows:
             staged.append(_write_parquet(store, shard, f"errors-{part}.parquet", errors))
-        summaries.append({"shard": shard, "shard_total": totals[shard], "samples": len(idx),
+        summaries.append({"shard": shard, "shard_total": totals[shard], "samples": sum(samples[i] for i in idx),
                           "rows": sum(g.num_rows for g in groups), "error_rows": errors.num_rows,
                           "files": json.dumps(staged)})
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
@@ -213,5 +315,5 @@ def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table, layou
     return rel
 
 
-__all__ = ["KINDS", "OutputStore", "ROW_GROUP_SIZE", "SUMMARY_SCHEMA", "StorageError", "maps_of", "read_table",
+__all__ = ["COMPACT_BYTES", "KINDS", "OutputStore", "ROW_GROUP_SIZE", "compact_on_ray", "compact_parts", "SUMMARY_SCHEMA", "StorageError", "maps_of", "read_table",
            "write_metric_parts", "write_parts"]

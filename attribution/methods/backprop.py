@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from attribution.hooks import BiasUnit, activation_rule, bias_units
 from attribution.methods.base import check_target_range
+from attribution.methods.targets import TopKTargets, resolve_targets
 
 
 class Backprop:
@@ -34,8 +35,10 @@ class Backprop:
         if self.logits.dim() != 2:
             raise ValueError(f"model output must be logits [B, K], got {tuple(self.logits.shape)}")
 
-    def input_gradients(self, classes: Tensor, method: str) -> Iterator[Tensor]:
-        """Yield d logit[b, classes[b, m]] / d images for m = 0..M-1, each [B, C, H, W]."""
+    def input_gradients(self, classes: Tensor | TopKTargets, method: str) -> Iterator[Tensor]:
+        """Yield d logit[b, classes[b, m]] / d images for m = 0..M-1, each [B, C, H, W] (an unresolved
+        TopKTargets is resolved from this forward pass's logits)."""
+        classes = resolve_targets(classes, self.logits)
         check_target_range(classes, self.logits.shape[1], method)
         columns = classes.shape[1]
         for m in range(columns):

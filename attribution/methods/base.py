@@ -11,6 +11,7 @@ from torch import Tensor
 from attribution.errors import AttributionError
 from attribution.models import ModelSpec
 from attribution.methods.precisions import allowed_precisions, refusal_reason
+from attribution.methods.targets import TopKTargets, plain_forward_targets
 from attribution.precision import check_precision, compute_precision, current_precision
 
 
@@ -35,23 +36,40 @@ class Method:
     """
 
     name: ClassVar[str]
+    # True: _attribute accepts an unresolved TopKTargets and resolves it (resolve_targets) from the logits of its own
+    # first forward pass on ``images`` — one whose values equal the plain model's (rules act on the backward only).
+    predicts_targets: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 
-    def attribute(self, images: Tensor, targets: Tensor | int | list[int], /, *, precision: str | None = None,
+    def attribute(self, images: Tensor, targets: Tensor | int | list[int] | TopKTargets, /, *, precision: str | None = None,
                   **options: Any) -> Attribution:
         """Maps for each (image, target) pair; see the class docstring for shapes. ``images`` and ``targets`` are
         positional-only, so a method may have an option of any name.
 
         ``precision``: ``fp32`` | ``tf32`` | ``bf16`` | ``fp16`` (:mod:`attribution.precision`) for the method's
         forward and backward passes; None = the enclosing call's (``fp32`` at top level). Maps are float32
-        whatever the precision; a precision outside the method's :meth:`precisions` is refused in one line."""
+        whatever the precision; a precision outside the method's :meth:`precisions` is refused in one line.
+
+        ``targets`` may be an unresolved :class:`attribution.methods.targets.TopKTargets`: the model's top-k
+        classes, decided by the method's own forward pass when the class sets ``predicts_targets`` (else by one
+        plain forward first); the object then holds the classes and the top-5 probabilities. Maps are
+        [B, T, H, W]."""
         precision = self.check_precision(precision or current_precision())
         self._check_options(options)
-        images, targets2d, per_pair = validate_inputs(self.spec, images, targets, self.name)
+        if isinstance(targets, TopKTargets):  # the model's top-k, from the method's own forward where it has one
+            images, per_pair = validate_images(self.spec, images, self.name), False
+            if not self.predicts_targets and not targets.resolved:
+                with compute_precision(precision, images.device):
+                    plain_forward_targets(self.spec.module, images, targets)
+            targets2d = targets.classes if targets.resolved else targets
+        else:
+            images, targets2d, per_pair = validate_inputs(self.spec, images, targets, self.name)
         with torch.enable_grad(), compute_precision(precision, images.device):
             result = self._attribute(images, targets2d, **options)
+        if isinstance(targets, TopKTargets) and not targets.resolved:
+            raise AttributionError(f"{self.name}: predicts_targets is set but the method did not resolve its targets")
         result.maps = result.maps.to(torch.float32)
         if per_pair:
             result.maps = result.maps[:, 0]
@@ -94,9 +112,8 @@ def _squeeze_targets(extras: dict[str, Any]) -> dict[str, Any]:
     return {k: _squeeze_targets(v) if isinstance(v, dict) else v[:, 0] for k, v in extras.items()}
 
 
-def validate_inputs(spec: ModelSpec, images: Tensor, targets: Tensor | int | list[int],
-                    method: str) -> tuple[Tensor, Tensor, bool]:
-    """Check shapes, dtypes, devices and mode; return (images, targets as LongTensor [B, T], targets-were-[B])."""
+def validate_images(spec: ModelSpec, images: Tensor, method: str) -> Tensor:
+    """Check the images' shape, dtype and device and the model's mode; return the images."""
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
         got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
         raise AttributionError(f"{method}: images must be a float tensor [B, C, H, W], got {got}")
@@ -106,6 +123,13 @@ def validate_inputs(spec: ModelSpec, images: Tensor, targets: Tensor | int | lis
         raise AttributionError(f"{method}: model {spec.name} is in training mode; call .eval() before attributing")
     if images.device != spec.device:
         raise AttributionError(f"{method}: images are on {images.device} but model {spec.name} is on {spec.device}")
+    return images
+
+
+def validate_inputs(spec: ModelSpec, images: Tensor, targets: Tensor | int | list[int],
+                    method: str) -> tuple[Tensor, Tensor, bool]:
+    """Check shapes, dtypes, devices and mode; return (images, targets as LongTensor [B, T], targets-were-[B])."""
+    images = validate_images(spec, images, method)
     b = images.shape[0]
     targets = torch.as_tensor(targets, device=images.device)
     if targets.dim() == 0:

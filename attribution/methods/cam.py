@@ -8,6 +8,7 @@ from attribution.errors import AttributionError
 from attribution.hooks import capture_outputs
 from attribution.maps import upsample
 from attribution.methods.base import Attribution, Method, check_target_range
+from attribution.methods.targets import resolve_targets
 
 
 class GradCAM(Method):
@@ -17,6 +18,7 @@ class GradCAM(Method):
     Extras: ``cam`` [B, T, h, w], the map at the layer's resolution."""
 
     name = "gradcam"
+    predicts_targets = True
 
     def _attribute(self, images: Tensor, targets: Tensor) -> Attribution:
         layer = self.spec.target_layer
@@ -32,6 +34,7 @@ class GradCAM(Method):
         if activations.dim() != 4:
             raise AttributionError(f"gradcam: target layer output must be [B, C, h, w] feature maps, "
                                    f"got {tuple(activations.shape)}")
+        targets = resolve_targets(targets, logits)
         check_target_range(targets, logits.shape[1], self.name)
         cams = []
         for m in range(targets.shape[1]):

@@ -62,6 +62,7 @@ class FullGrad(Method):
     """
 
     name = "fullgrad"
+    predicts_targets = True
 
     def _attribute(self, images: Tensor, targets: Tensor, *, scaling: str = "layer", eps: float = 1e-6,
                    return_layers: bool = False) -> Attribution:

@@ -12,6 +12,7 @@ class Saliency(Method):
     """|d f_k / d x|, max over colour channels (Captum ``Saliency(abs=True)`` reduced by max over dim 1)."""
 
     name = "saliency"
+    predicts_targets = True
 
     def _attribute(self, images: Tensor, targets: Tensor) -> Attribution:
         backprop = Backprop(self.spec.module, images)
@@ -24,6 +25,7 @@ class GuidedBackprop(Method):
     over colour channels (signed; Captum ``GuidedBackprop`` summed over dim 1). Also TR-GBP's R_0."""
 
     name = "gbp"
+    predicts_targets = True
 
     def _attribute(self, images: Tensor, targets: Tensor) -> Attribution:
         backprop = Backprop(self.spec.module, images, rule="guided")

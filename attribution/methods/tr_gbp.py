@@ -55,6 +55,7 @@ from attribution.hooks import BiasUnit
 from attribution.maps import upsample
 from attribution.methods.backprop import Backprop
 from attribution.methods.base import Attribution, Method
+from attribution.methods.targets import resolve_targets
 
 BIAS_TERMS = ("effective", "parameter", "none")
 LAYER_NORMS = ("none", "max")
@@ -93,6 +94,7 @@ class TRGBP(Method):
     """
 
     name = "tr_gbp"
+    predicts_targets = True
 
     def _attribute(self, images: Tensor, targets: Tensor, *, bias_terms: str = "effective",
                    layer_norm: str = "none", input_term: str = "gradient", biases: bool = True,
@@ -111,6 +113,7 @@ class TRGBP(Method):
         for unit in backprop.units:  # a module called twice gives two units: "name", "name#2"
             taken = sum(1 for n in names.values() if n == unit.name or n.startswith(unit.name + "#"))
             names[unit.index] = unit.name if not taken else f"{unit.name}#{taken + 1}"
+        targets = resolve_targets(targets, backprop.logits)
         top_k = min(top_k, backprop.logits.shape[1])
         # layer_norm="max" needs the image's top-k maps for its divisor even when nothing is removed.
         with_top = remove_shared or layer_norm == "max"

@@ -1,0 +1,135 @@
+"""Few files per shard: the write step stages one part per actor batch; at commit a shard's parts are merged into
+one Parquet file per kind and map layout (workers.sink.compact_parts), with every row, sorted by key, in small row
+groups; a size cap splits them; a failed compaction commits the parts as written. Built without Ray from the
+jobs' own steps (decode -> AttributionWorker -> write_parts -> OutputStore.commit_complete)."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from attribution.data.sample_sets import synthetic_samples
+from attribution.data.shards import write_shards
+from attribution.models import preprocessing_for
+from schemas.attributions import attribution_schema
+from schemas.reader import OutputReader
+from workers.attribution_worker import AttributionWorker, WorkerConfig
+from workers.batches import ipc_tables
+from workers.decode import decode_batch
+from workers.shards import RAW_SCHEMA, read_shard
+from workers.sink import ROW_GROUP_SIZE, OutputStore, compact_parts, write_parts
+
+MODEL = "bench_resnet"
+BATCH = 3  # 8 samples -> 3 actor batches -> 3 parts per layout before compaction
+
+
+@pytest.fixture(scope="module")
+def staged_batches(tmp_path_factory) -> tuple[list[pa.Table], int]:
+    """The actor's output batches for one shard of 8 samples (one broken), two map layouts."""
+    samples = synthetic_samples(8, size=112)
+    shard_set = write_shards(samples, tmp_path_factory.mktemp("shards"), "syn", 8, log=lambda *_: None)
+    uri = str(Path(shard_set.pattern).parent / shard_set.shards[0]["file"])
+    rows = read_shard(uri)
+    rows[2] = {**rows[2], "jpg": b"not a jpeg"}
+    worker = AttributionWorker(WorkerConfig(model=MODEL, methods=["saliency", "gradcam"], targets="top5",
+                                            device="cpu", map_dtype="int8", map_sizes={"gradcam": 14}))
+    preprocessing = preprocessing_for(MODEL)
+    outputs = [worker(decode_batch(pa.Table.from_pylist(rows[i:i + BATCH], schema=RAW_SCHEMA), preprocessing))
+               for i in range(0, len(rows), BATCH)]
+    return outputs, preprocessing.input_size
+
+
+def _stage(outputs: list[pa.Table], out: Path) -> tuple[OutputStore, list[dict]]:
+    store = OutputStore(str(out))
+    store.ensure()
+    return store, [s for batch in outputs for s in write_parts(batch, str(out), ("parquet",)).to_pylist()]
+
+
+def _expected(outputs: list[pa.Table], column: str) -> list[dict]:
+    return sorted((r for batch in outputs for blob in batch[column].to_pylist() for t in ipc_tables(blob)
+                   for r in t.to_pylist()), key=lambda r: (r["key"], r.get("method") or "", r.get("target", 0)))
+
+
+def _committed_rows(store: OutputStore, files: list[str]) -> list[dict]:
+    rows = [r for f in files for r in pq.read_table(store.path(f)).to_pylist()]
+    return sorted(rows, key=lambda r: (r["key"], r.get("method") or "", r.get("target", 0)))
+
+
+def test_one_file_per_kind_and_layout_with_every_row(staged_batches, tmp_path):
+    outputs, input_size = staged_batches
+    store, summaries = _stage(outputs, tmp_path)
+    staged = [f for s in summaries for f in json.loads(s["files"])]
+    assert len(staged) == 3 * 2 + 1  # per batch one part per layout; one errors part (the broken sample's batch)
+    as_written = {pq.read_schema(store.path(f)).field("map").type.shape[0]: pq.read_schema(store.path(f))
+                  for f in staged if "/attributions-" in f}  # a part's schema after its Parquet round trip
+    (record,) = list(store.commit_complete(summaries))
+    files = record["files"]
+    by_kind = sorted(Path(f).parts[0] for f in files)
+    assert by_kind == ["attributions", "attributions", "errors"] and record["samples"] == 8
+    assert not Path(tmp_path, "_staging").exists() or not any(Path(tmp_path, "_staging").rglob("*"))
+    maps = [f for f in files if f.startswith("attributions/")]
+    assert sorted(str(pq.read_schema(store.path(f)).field("map").type.shape) for f in maps) == ["[112, 112]",
+                                                                                              "[14, 14]"]
+    for f in maps:
+        layout = pq.read_schema(store.path(f)).field("map").type.shape[0]
+        assert pq.read_schema(store.path(f)).equals(as_written[layout], check_metadata=True)
+        assert pq.read_schema(store.path(f)).names == attribution_schema(layout, "int8", input_size).names
+        metadata = pq.ParquetFile(store.path(f)).metadata
+        keys = pq.read_table(store.path(f), columns=["key"]).column("key").to_pylist()
+        assert keys == sorted(keys)
+        assert metadata.num_row_groups == -(-metadata.num_rows // ROW_GROUP_SIZE)
+    # every row once: 7 good samples x 2 methods x top-5, and the broken sample's error row
+    attributions = _committed_rows(store, maps)
+    assert len(attributions) == 7 * 2 * 5
+    expected = _expected(outputs, "attributions")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(attributions) == strip(expected)
+    errors = _committed_rows(store, [f for f in files if f.startswith("errors/")])
+    assert errors == _expected(outputs, "errors") and [e["stage"] for e in errors] == ["decode"]
+    assert OutputReader(str(tmp_path)).read(maps="input").num_rows == 7 * 2 * 5
+
+
+def test_a_size_cap_splits_and_keeps_single_parts(staged_batches, tmp_path):
+    outputs, _ = staged_batches
+    store, summaries = _stage(outputs, tmp_path)
+    staged = [f for s in summaries for f in json.loads(s["files"])]
+    big = [f for f in staged if f.endswith("int8.parquet") and "-112" in f]
+    one_part = Path(store.path(big[0])).stat().st_size
+    merged = compact_parts(str(tmp_path), summaries[0]["shard"], staged, max_bytes=int(2.5 * one_part))
+    full = [f for f in merged if f.startswith("_staging") and "-112int8" in f]
+    assert len(full) == 2  # parts 1+2 merged, part 3 alone (kept as written)
+    assert sum(pq.ParquetFile(store.path(f)).metadata.num_rows for f in full) == \
+        sum(pq.ParquetFile(store.path(f)).metadata.num_rows for f in big)
+    assert big[-1] in full
+
+
+def test_a_failed_compaction_commits_the_parts_as_written(staged_batches, tmp_path, capsys):
+    outputs, _ = staged_batches
+    store, summaries = _stage(outputs, tmp_path)
+
+    def failing(uri, shard, files):
+        future = Future()
+        future.set_exception(OSError("disk full\nsecond line"))
+        return future
+
+    (record,) = list(store.commit_complete(summaries, submit=failing))
+    assert len(record["files"]) == 3 * 2 + 1
+    assert "compacting syn-000000.tar failed (disk full); committing its parts as written" in capsys.readouterr().err
+    assert OutputReader(str(tmp_path)).read(maps="input").num_rows == 7 * 2 * 5
+
+
+def test_reset_shards_deletes_leftovers_of_the_named_shards_only(staged_batches, tmp_path):
+    """Resume's reset: staged and half-moved parts of the named uncommitted shards go; others stay."""
+    outputs, _ = staged_batches
+    store, summaries = _stage(outputs, tmp_path)
+    shard = summaries[0]["shard"]
+    Path(tmp_path, "attributions", "other.tar").mkdir(parents=True)
+    Path(tmp_path, "attributions", "other.tar", "part-x.parquet").write_bytes(b"kept")
+    Path(tmp_path, "errors", shard).mkdir(parents=True)  # a half-moved shard
+    store.reset_shards([shard, "never-started.tar"])
+    assert not Path(tmp_path, "_staging", shard).exists() and not Path(tmp_path, "errors", shard).exists()
+    assert Path(tmp_path, "attributions", "other.tar", "part-x.parquet").read_bytes() == b"kept"
