@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                            if (maps / "manifest.json").exists() else None)
     pipeline["commit_rate"] = commit_rate(pipeline["lines"], per_shard)
     pipeline["driver_growth"] = driver_growth(pipeline["timeline"], a.shards)
-    pipeline["manifest"] = manifest_cost(maps, a.shards)
+    pipeline["manifest"] = manifest_cost(maps, a.shards, pipeline["wall_seconds"])
     pipeline["files"] = files_report(maps)
     pipeline["check"] = verify(maps, "attributions", expected, 1, ["shard", "key", "method", "target"])
     if profile:

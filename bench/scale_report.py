@@ -38,11 +38,12 @@ def driver_growth(timeline: list[dict], shards: int) -> dict:
                                                                                                (10000 - mx))}
 
 
-def manifest_cost(out: Path, shards: int) -> dict:
-    """What jobs.common.commit_as_written's rewrite of manifest.json at every commit costs: the final manifest's
-    size and the time to serialise + write it once (measured here), times the number of commits (each rewrite
-    is about as large as the number of shards committed so far, so the total grows as shards²). Bytes, seconds
-    and the rewrites a run of ``shards`` shards makes; {} without a manifest under ``out``."""
+def manifest_cost(out: Path, shards: int, wall_seconds: float) -> dict:
+    """What rewriting manifest.json costs a run of ``shards`` shards lasting ``wall_seconds``: the final manifest's
+    size and the time to serialise + write it once (measured here), times the rewrites jobs.scaffold.ShardedRun
+    makes (start, at most one per MANIFEST_INTERVAL_S while shards commit, loop end, finish; each about as large
+    as the final one at most). Bytes and seconds; {} without a manifest under ``out``."""
+    from jobs.scaffold import MANIFEST_INTERVAL_S
     from workers.sink import OutputStore
 
     path = out / "manifest.json"
@@ -57,9 +58,10 @@ def manifest_cost(out: Path, shards: int) -> dict:
     once = (time.perf_counter() - start) / repeats
     shutil.rmtree(out / "_manifest_probe", ignore_errors=True)
     size = path.stat().st_size
+    rewrites = min(shards, int(wall_seconds // MANIFEST_INTERVAL_S)) + 3
     return {"manifest_bytes": size, "write_seconds_once": round(once, 5),
-            "rewrites_per_run": shards + 2, "bytes_written_by_rewrites_est": round(size * (shards + 1) / 2),
-            "seconds_in_rewrites_est": round(once * (shards + 1) / 2, 3)}
+            "rewrites_per_run": rewrites, "bytes_written_by_rewrites_est": round(size * rewrites),
+            "seconds_in_rewrites_est": round(once * rewrites, 3)}
 
 
 
