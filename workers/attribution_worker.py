@@ -273,7 +273,7 @@ def encode_maps(maps: torch.Tensor, layout: MapLayout) -> tuple[np.ndarray, np.n
     scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
     relative = maps / scale[..., None, None]
     if not layout.levels:
-        return relative.cpu().numpy().astype(layout.dtype), scale.cpu().numpy(), None
+        return relative.to(getattr(torch, layout.dtype)).cpu().numpy(), scale.cpu().numpy(), None  # cast on the device
     levels = torch.round(relative * layout.levels)
     negative = (levels.amin(dim=(-2, -1)) < 0).cpu().numpy() if layout.dtype == "uint8" else None
     low = -layout.levels if layout.dtype == "int8" else 0
