@@ -21,7 +21,7 @@ from workers.attribution_worker import AttributionWorker, WorkerConfig
 from workers.batches import ipc_tables
 from workers.decode import decode_batch
 from workers.shards import RAW_SCHEMA, read_shard
-from workers.sink import ROW_GROUP_SIZE, OutputStore, compact_parts, write_parts
+from workers.sink import ROW_GROUP_SIZE, OutputStore, compact_on_ray, compact_parts, write_parts
 
 MODEL = "bench_resnet"
 BATCH = 3  # 8 samples -> 3 actor batches -> 3 parts per layout before compaction
@@ -133,3 +133,15 @@ def test_reset_shards_deletes_leftovers_of_the_named_shards_only(staged_batches,
     store.reset_shards([shard, "never-started.tar"])
     assert not Path(tmp_path, "_staging", shard).exists() and not Path(tmp_path, "errors", shard).exists()
     assert Path(tmp_path, "attributions", "other.tar", "part-x.parquet").read_bytes() == b"kept"
+
+
+def test_compaction_as_a_ray_task(ray_session, staged_batches, tmp_path):
+    """What the jobs do: compact_on_ray submits the merge as a Ray task and the commit waits for it."""
+    outputs, _ = staged_batches
+    store, summaries = _stage(outputs, tmp_path)
+    staged = [f for s in summaries for f in json.loads(s["files"])]
+    future = compact_on_ray(str(tmp_path), summaries[0]["shard"], staged)
+    assert not isinstance(future.result(timeout=120), Exception)
+    (record,) = list(store.commit_complete(summaries, submit=compact_on_ray))
+    assert sorted(Path(f).parts[0] for f in record["files"]) == ["attributions", "attributions", "errors"]
+    assert len(_committed_rows(store, [f for f in record["files"] if f.startswith("attributions/")])) == 7 * 2 * 5

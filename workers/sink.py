@@ -12,8 +12,8 @@ Layout of an output directory (local path or object-store URI)::
 
 Exactly once: parts are written to ``_staging``; when the driver has seen every sample of a shard written, the
 shard's parts are compacted (one Parquet file per kind and map layout, up to COMPACT_BYTES each: the write step
-makes one part per actor batch), moved into place, and then the commit record is written. A rerun trusts only commit records:
-everything of an uncommitted shard is deleted and recomputed. Parts written by a retried task that never
+makes one part per actor batch), moved into place, and then the commit record is written. A rerun trusts only
+commit records: everything of an uncommitted shard is deleted and recomputed. Parts written by a retried task that never
 reported back are never listed in a commit, so they never reach a reader. The public reader (schemas.reader:
 ``OutputReader``, ``read_table``, ``maps_of``, re-exported here) reads committed shards only; ``pandas.read_parquet``
 on ``attributions/`` or DuckDB see whole shards once a run has finished.
@@ -170,15 +170,7 @@ def compact_parts(uri: str, shard: str, files: list[str], max_bytes: int | None 
     retried or failed compaction never loses a part."""
     limit = COMPACT_BYTES if max_bytes is None else max_bytes
     store = OutputStore(uri)
-    groups: dict[tuple[str, str], list[str]] = {}
-    out = []
-    for rel in files:
-        name = posixpath.basename(rel)
-        if not name.endswith(".parquet"):
-            out.append(rel)
-            continue
-        kind, rest = name[:-len(".parquet")].split("-", 1)
-        groups.setdefault((kind, rest[32:]), []).append(rel)  # rest: <uuid hex (32)>[-<layout>]
+    out, groups = _parquet_groups(files)
     for (kind, layout), parts in groups.items():
         if len(parts) == 1:
             out += parts
@@ -198,16 +190,30 @@ def compact_parts(uri: str, shard: str, files: list[str], max_bytes: int | None 
     return out
 
 
+def _parquet_groups(files: list[str]) -> tuple[list[str], dict[tuple[str, str], list[str]]]:
+    """(the files that are not Parquet, {(kind, layout suffix): its Parquet parts in order})."""
+    others, groups = [], {}
+    for rel in files:
+        name = posixpath.basename(rel)
+        if not name.endswith(".parquet"):
+            others.append(rel)
+            continue
+        kind, rest = name[:-len(".parquet")].split("-", 1)
+        groups.setdefault((kind, rest[32:]), []).append(rel)  # rest: <uuid hex (32)>[-<layout>]
+    return others, groups
+
+
 _REMOTE_COMPACT: Any = None
 
 
 def compact_on_ray(uri: str, shard: str, files: list[str]) -> Future:
     """``submit`` for :meth:`OutputStore.commit_complete`: :func:`compact_parts` as a Ray task (0 CPUs: it is
     mostly I/O, and a task waiting for a CPU the pipeline holds would hold back every commit; retried twice).
-    Without a connected Ray (a driver loop fed by plain iterables) it runs here and returns a finished Future."""
+    A shard with nothing to merge (at most one part per kind and layout) and a driver without a connected Ray (a
+    loop fed by plain iterables) get no task: the work is done here and the Future is returned finished."""
     import ray
 
-    if not ray.is_initialized():
+    if all(len(parts) == 1 for parts in _parquet_groups(files)[1].values()) or not ray.is_initialized():
         future: Future = Future()
         try:
             future.set_result(compact_parts(uri, shard, files))
@@ -222,8 +228,9 @@ def compact_on_ray(uri: str, shard: str, files: list[str]) -> Future:
 
 def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...]) -> pa.Table:
     """Ray Data step of jobs.attribute: stage a batch of AttributionWorker rows (workers.batches.output_schema: one
-    per actor batch and shard, with IPC blobs ``attributions`` and ``errors``), grouped by shard: one Parquet (and/or NPZ) part per shard and map layout
-    (schemas.maps). Returns one SUMMARY_SCHEMA row per shard in the batch."""
+    per actor batch and shard, with IPC blobs ``attributions`` and ``errors``), grouped by shard: one Parquet
+    (and/or NPZ) part per shard and map layout (schemas.maps). Returns one SUMMARY_SCHEMA row per shard in the
+    batch."""
     def write(store: OutputStore, shard: str, part: str, groups: list[pa.Table]) -> list[str]:
         staged = []
         for g, rows in enumerate(groups):
@@ -241,7 +248,8 @@ def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...]) -> pa.Table
 
 def write_metric_parts(batch: pa.Table, uri: str) -> pa.Table:
     """Ray Data step of jobs.evaluate: stage a batch of EvaluateWorker / ShardMapMetrics rows
-    (workers.batches.output_schema, with IPC blobs ``metrics`` and ``errors``), grouped by shard. Returns one SUMMARY_SCHEMA row per shard in the batch."""
+    (workers.batches.output_schema, with IPC blobs ``metrics`` and ``errors``), grouped by shard. Returns one
+    SUMMARY_SCHEMA row per shard in the batch."""
     def write(store: OutputStore, shard: str, part: str, groups: list[pa.Table]) -> list[str]:
         for rows in groups:
             validate_metrics(rows)
@@ -315,5 +323,5 @@ def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table, layou
     return rel
 
 
-__all__ = ["COMPACT_BYTES", "KINDS", "OutputStore", "ROW_GROUP_SIZE", "compact_on_ray", "compact_parts", "SUMMARY_SCHEMA", "StorageError", "maps_of", "read_table",
-           "write_metric_parts", "write_parts"]
+__all__ = ["COMPACT_BYTES", "KINDS", "OutputStore", "ROW_GROUP_SIZE", "SUMMARY_SCHEMA", "StorageError",
+           "compact_on_ray", "compact_parts", "maps_of", "read_table", "write_metric_parts", "write_parts"]

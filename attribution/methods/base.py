@@ -43,8 +43,8 @@ class Method:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 
-    def attribute(self, images: Tensor, targets: Tensor | int | list[int] | TopKTargets, /, *, precision: str | None = None,
-                  **options: Any) -> Attribution:
+    def attribute(self, images: Tensor, targets: Tensor | int | list[int] | TopKTargets, /, *,
+                  precision: str | None = None, **options: Any) -> Attribution:
         """Maps for each (image, target) pair; see the class docstring for shapes. ``images`` and ``targets`` are
         positional-only, so a method may have an option of any name.
 
