@@ -63,7 +63,8 @@ def test_a_method_that_claims_predicts_targets_must_resolve(spec, images, monkey
 
 @pytest.mark.parametrize("targets,methods,forwards", [
     ("top5", ["saliency", "gbp"], 2),     # the first method's forward decides the top-5: no separate pass
-    ("top1", ["a_fmi", "saliency"], 2),   # a_fmi runs features/head, not the whole model: one plain pass first
+    ("top1", ["a_fmi", "saliency"], 1),   # saliency runs first (a_fmi runs features/head): one pass in all
+    ("top1", ["a_fmi"], 1),               # no method can decide the targets: one plain pass first
     ("label", ["saliency", "gbp"], 3),    # labels are the targets; a plain pass gives the top-5 columns
 ])
 def test_worker_forward_passes_per_batch(spec, targets, methods, forwards):
@@ -80,6 +81,7 @@ def test_worker_forward_passes_per_batch(spec, targets, methods, forwards):
     assert len(calls) == forwards
     rows = _rows(out["attributions"])
     assert not _rows(out["errors"]) and len(rows) == 4 * len(methods) * (5 if targets == "top5" else 1)
+    assert list(dict.fromkeys(r["method"] for r in rows)) == methods  # rows in the order of --methods
     batch = DecodedBatch(decoded)
     pixels = torch.from_numpy(batch.columns["pixels"])
     with torch.no_grad():

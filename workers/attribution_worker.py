@@ -100,7 +100,8 @@ class AttributionWorker:
     def _attribute(self, decoded: DecodedBatch, tables: dict[MapLayout, list[pa.Table]]) -> None:
         spec, batch, good, errors = self.spec, decoded.columns, decoded.good, decoded.errors
         images = device_images(spec, batch["pixels"][good], self.channels_last)
-        # top1/top5: the first method's own forward pass decides the targets (no separate forward)
+        # top1/top5: the first method's own forward pass decides the targets (no separate forward); a method that
+        # can (predicts_targets) runs first, the rows keep the order of --methods
         forward = TopKTargets(5 if self.config.targets == "top5" else 1)
         targets: torch.Tensor | TopKTargets = forward
         valid = list(range(len(good)))
@@ -113,7 +114,8 @@ class AttributionWorker:
         chosen = [good[v] for v in valid]
         samples = decoded.sample_arrays()
         predicted = None
-        for method in self.config.methods:
+        built: dict[str, pa.Table] = {}
+        for method in self._run_order():
             options = self.config.options_for(method)
             start = time.perf_counter()
             results = self._run_method(method, images, targets, options, chosen, batch, errors)
@@ -140,7 +142,17 @@ class AttributionWorker:
             if keep:
                 rows = RowBlock(method, _options_json(options), np.array([chosen[done[n]] for n in keep]),
                                 np.array([done[n] for n in keep]), np.array(keep), seconds)
-                tables[layout].append(self._table(self.schemas[layout], samples, predicted, host, rows))
+                built[method] = self._table(self.schemas[layout], samples, predicted, host, rows)
+        for method in self.config.methods:
+            if method in built:
+                tables[self.layouts[method]].append(built[method])
+
+    def _run_order(self) -> list[str]:
+        """--methods, with the first one that decides top-k targets from its own forward pass moved to the front
+        (top1/top5 runs), so no method needs a separate forward pass."""
+        methods = list(self.config.methods)
+        first = next((m for m in methods if get_method(m).predicts_targets), methods[0])
+        return [first] + [m for m in methods if m != first] if self.config.targets != "label" else methods
 
     def _to_host(self, results: list[tuple[torch.Tensor, dict]], layout: MapLayout) -> dict[str, Any]:
         """The maps of one method for J samples ([T, H, W] each, on the device) as host arrays in ``layout``
