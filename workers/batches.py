@@ -1,7 +1,7 @@
 """What every model-pinning actor does with a batch of decoded samples around its own work, in one place.
 
 In: a pyarrow table of decoded rows (workers.decode.DECODED_SCHEMA + ``pixels``). Out: one row per input shard of
-the batch (:data:`OUTPUT_SCHEMA`) — ``shard``, ``shard_total``, ``samples`` (how many of the shard's samples the
+the batch (:func:`output_schema`) — ``shard``, ``shard_total``, ``samples`` (how many of the shard's samples the
 row holds), ``keys`` and Arrow IPC blobs of those samples' result rows and error rows. A row is never split by
 Ray, so a sample's results always travel whole; one blob per shard and batch (not one per sample) keeps the
 actors' and the write step's per-sample Python out of the way (bench/scale.py). Samples that failed upstream
@@ -38,7 +38,6 @@ class DecodedBatch:
     """
 
     def __init__(self, table: pa.Table) -> None:
-        self.table = table
         self.columns: dict[str, Any] = {name: table.column(name).to_pylist() for name in DECODED_SCHEMA.names}
         self.columns["pixels"] = table.column("pixels").combine_chunks().to_numpy()
         n = table.num_rows
@@ -60,7 +59,7 @@ class DecodedBatch:
         out.update({name: pa.array([json.loads(v) for v in c[name]], BOXES) for name in ("bboxes", "bboxes_input")})
         return out
 
-    def output(self, results: str, result_schema: pa.Schema, error_schema: pa.Schema,
+    def output(self, results: str, result_schema: pa.Schema | None, error_schema: pa.Schema,
                tables: Sequence[pa.Table] | None = None, **extra: tuple[pa.DataType, list]) -> pa.Table:
         """The actor's output batch (:func:`output_schema`): one row per shard of the batch, in first-seen order.
         Its ``results`` blob holds the shard's rows of ``result_schema`` — from ``self.rows``, or, when ``tables``
@@ -71,8 +70,8 @@ class DecodedBatch:
         shards = c["shard"]
         order = list(dict.fromkeys(shards))
         members = {shard: [i for i, s in enumerate(shards) if s == shard] for shard in order}
-        out: dict[str, list] = {name: [] for name in output_schema(results, **{k: v[0] for k, v in extra.items()})
-                                .names}
+        schema = output_schema(results, **{name: dtype for name, (dtype, _) in extra.items()})
+        out: dict[str, list] = {name: [] for name in schema.names}
         for shard in order:
             idx = members[shard]
             if tables is None:
@@ -88,7 +87,7 @@ class DecodedBatch:
             out["errors"].append(ipc_blob([row for i in idx for row in self.errors[i]], error_schema))
             for name, (_, values) in extra.items():
                 out[name].append([values[i] for i in idx])
-        return pa.Table.from_pydict(out, schema=output_schema(results, **{k: v[0] for k, v in extra.items()}))
+        return pa.Table.from_pydict(out, schema=schema)
 
 
 def error_row(columns: dict[str, Any], i: int, stage: str | None, method: str | None, reason: str) -> dict:
