@@ -188,3 +188,24 @@ def test_attribute_job_reads_benchmark_shards_unchanged(ray_session, tmp_path):
         # guided ReLU / max-pool masks that may flip where an input is within rounding of 0 (tests/README.md)
         atol = network_atol(loaded.module, 1.0, passes=2) * np.abs(direct).max(axis=(1, 2))
         assert_maps_agree(stored[j::2], direct, atol, what=method)
+
+
+def test_sgd_optimiser_applies_l2_weight_decay_to_every_parameter():
+    """--optimiser sgd: one step with zero loss gradients moves every parameter by -lr·wd·p (L2 decay, also on
+    biases and BatchNorm); AdamW decays by lr·wd·p too (decoupled) but is a different class; unknown names fail."""
+    model = small_cnn.build("bench_resnet", 4, 32)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = train_benchmark_model.TrainConfig(optimiser="sgd", lr=0.1, weight_decay=0.01)
+    opt = train_benchmark_model.make_optimiser(model, config)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(model.parameters(), before):
+        # Nesterov: the step is lr·(g + momentum·buf) with buf = g = wd·p on the first step
+        torch.testing.assert_close(p.detach(), b - 0.1 * (1 + 0.9) * 0.01 * b)
+    assert isinstance(train_benchmark_model.make_optimiser(model, train_benchmark_model.TrainConfig()),
+                      torch.optim.AdamW)
+    with pytest.raises(train_benchmark_model.TrainError, match="--optimiser"):
+        train_benchmark_model.train(Path("/nonexistent"), train_benchmark_model.TrainConfig(optimiser="lion"),
+                                    Path("/tmp/x.pt"))
