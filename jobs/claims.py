@@ -1,6 +1,6 @@
 """python -m jobs.claims: the papers' claims put to the test on the procedural benchmark and on the real Lite0.
 
-    python -m jobs.claims --out runs/claims [--quick] [--val 300] [--train 3000] [--seed 0]
+    python -m jobs.claims --out runs/claims [--quick] [--val 300] [--train 3000] [--road-images 100] [--seed 0]
 
 A documented chain of the existing jobs; every intermediate output stays under ``--out`` so each step can be
 rerun or inspected on its own (reruns skip what is already there):
@@ -227,16 +227,18 @@ def parse_args(argv: Sequence[str] | None = None) -> ClaimsConfig:
     p.add_argument("--quick", action="store_true", help="small sizes (a first look, and the tests)")
     p.add_argument("--train", type=int, default=None)
     p.add_argument("--val", type=int, default=None)
+    p.add_argument("--road-images", type=int, default=None,
+                   help="validation images for MoRF/LeRF with black pixels and with ROAD (default 100; quick 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-lite0", action="store_true", help="skip the real EfficientNet-Lite0 part")
     a = p.parse_args(argv)
     config = ClaimsConfig.quick(a.out) if a.quick else ClaimsConfig(out=a.out)
     config.seed, config.lite0 = a.seed, not a.no_lite0
-    for name in ("train", "val"):
+    for name in ("train", "val", "road_images"):
         if getattr(a, name) is not None:
             if getattr(a, name) < 10:
                 from jobs.common import fail
-                fail(f"--{name} must be at least 10")
+                fail(f"--{name.replace('_', '-')} must be at least 10")
             setattr(config, name, getattr(a, name))
     return config
 

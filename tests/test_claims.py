@@ -36,3 +36,13 @@ def test_claims_chain_on_a_tiny_benchmark(ray_session, tmp_path):
     assert sum(r["verdict"] != "n/a" for r in rows) >= 10
     html = (tmp_path / "claims" / "report" / "index.html").read_text()
     assert "The papers&#x27; claims, measured" in html or "The papers' claims, measured" in html
+
+
+def test_cli_sizes_override_the_configuration_and_bad_sizes_fail_in_one_line(tmp_path, capsys):
+    config = claims_job.parse_args(["--out", str(tmp_path), "--road-images", "40", "--val", "200"])
+    assert (config.road_images, config.val, config.train) == (40, 200, 3000)
+    assert claims_job.parse_args(["--out", str(tmp_path), "--quick"]).road_images == 24
+    with pytest.raises(SystemExit):
+        claims_job.parse_args(["--out", str(tmp_path), "--road-images", "3"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--road-images must be at least 10" in err
