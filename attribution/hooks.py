@@ -26,6 +26,7 @@ Activations must be modules (``nn.ReLU``, ``nn.ReLU6`` …) for rules to apply: 
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -404,9 +405,17 @@ def bias_units(model: nn.Module, on_gradient: Callable[[BiasUnit, Tensor], None]
     def _watch(unit: BiasUnit, tensor: Tensor) -> None:
         by_output[id(tensor)] = (tensor, unit)
         if tensor.requires_grad:
+            # Weak references only: the hook lives in the autograd graph (C++), so a strong reference from it to
+            # the tensor or to the unit (which holds the tensor) is a cycle Python's GC cannot see, and every
+            # forward pass's graph would stay in memory for ever. The caller keeps the units alive while it
+            # runs its backward passes (Backprop.units).
+            unit_ref, tensor_ref = weakref.ref(unit), weakref.ref(tensor)
+
             def hook(grad: Tensor) -> None:
-                if unit.output is tensor and unit.index in live:  # a folded conv's own output stays silent
-                    on_gradient(unit, grad)
+                watched = unit_ref()
+                # a folded conv's own output stays silent: its unit's output is now the BatchNorm's
+                if watched is not None and watched.output is tensor_ref() and watched.index in live:
+                    on_gradient(watched, grad)
             tensor.register_hook(hook)
 
     try:
