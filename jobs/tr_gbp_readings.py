@@ -55,7 +55,7 @@ from workers.shards import read_shard
 READINGS: list[dict[str, str]] = [{"bias_terms": b, "layer_norm": n, "input_term": i}
                                   for b in BIAS_TERMS for n in LAYER_NORMS for i in INPUT_TERMS]
 DEFAULT_READING = {"bias_terms": "effective", "layer_norm": "none", "input_term": "gradient"}
-BENCH_ARCHS = ("bench_resnet", "bench_vgg", "bench_vgg_plain")
+BENCH_ARCHS = models.BENCH_MODELS  # bench_resnet, bench_vgg, bench_vgg_plain, bench_lite0
 
 
 def reading_label(reading: dict[str, str] | None) -> str:

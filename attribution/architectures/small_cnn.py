@@ -16,6 +16,11 @@ so guided/secant/LRP rules attach per call site. ``module(x) == module.head(modu
   layer: the last max pool (as the zoo's VGG split).
 - ``bench_vgg_plain``: ``bench_vgg`` with every conv + BatchNorm replaced by a conv with its own bias (zero at
   initialisation, as torchvision's VGG) + ReLU, no normalisation anywhere; same head, same target layer.
+- ``bench_lite0``: EfficientNet-Lite0 itself (:mod:`attribution.architectures.efficientnet_lite`: ReLU6,
+  depthwise convs, BatchNorm) with a ``num_classes`` classifier, for the benchmark's input size (feature map at
+  1/32: 4x4 at 112 px). It is the benchmark's stand-in for an ImageNet-trained CNN: ``jobs.train_benchmark_model
+  --init imagenet`` starts it from the real ImageNet weights (all but the classifier) and fine-tunes it, so its
+  biases are an ImageNet model's. Target layer, split and randomisation blocks are Lite0's.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-ARCHITECTURES: tuple[str, ...] = ("bench_resnet", "bench_vgg", "bench_vgg_plain")
+from attribution.architectures.efficientnet_lite import EfficientNetLite0
+
+ARCHITECTURES: tuple[str, ...] = ("bench_resnet", "bench_vgg", "bench_vgg_plain", "bench_lite0")
 RESNET_WIDTHS = (16, 32, 64, 128)     # stem, layer1, layer2, layer3
 VGG_WIDTHS = (8, 16, 32, 64)
 VGG_CONVS = (1, 1, 2, 2)
@@ -123,8 +130,34 @@ def bench_vgg(num_classes: int, input_size: int = 112, *, batchnorm: bool = True
     return model
 
 
-def build(arch: str, num_classes: int, input_size: int = 112) -> SmallCNN:
-    """``bench_resnet``, ``bench_vgg`` or ``bench_vgg_plain`` with random weights from torch's global generator."""
+class BenchLite0(EfficientNetLite0):
+    """EfficientNet-Lite0 with the benchmark models' interface: ``arch``, ``num_classes``, ``input_size``,
+    ``features`` / ``head`` (views of Lite0's own modules, not copies) and ``target_layer`` (the head activation).
+    Normalised images [B, 3, S, S] float32 -> logits [B, num_classes]; its state dict has Lite0's key names."""
+
+    def __init__(self, num_classes: int, input_size: int = 112) -> None:
+        super().__init__(num_classes=num_classes)
+        self.arch, self.num_classes, self.input_size = "bench_lite0", num_classes, input_size
+
+    @property
+    def features(self) -> nn.Sequential:
+        """Image -> last conv feature maps [B, 1280, ceil(S/32), ceil(S/32)]."""
+        return nn.Sequential(*self.feature_modules())
+
+    @property
+    def head(self) -> nn.Sequential:
+        """Feature maps -> logits."""
+        return nn.Sequential(*self.head_modules())
+
+    @property
+    def target_layer(self) -> nn.Module:
+        """The head activation after ``_conv_head`` + ``_bn1`` (as the zoo's efficientnet_lite0)."""
+        return self._act_head
+
+
+def build(arch: str, num_classes: int, input_size: int = 112) -> SmallCNN | BenchLite0:
+    """``bench_resnet``, ``bench_vgg``, ``bench_vgg_plain`` or ``bench_lite0`` with random weights from torch's
+    global generator."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown benchmark architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     if num_classes < 2 or input_size < FEATURE_STRIDE:
@@ -132,6 +165,10 @@ def build(arch: str, num_classes: int, input_size: int = 112) -> SmallCNN:
                          f"got {num_classes} and {input_size}")
     if arch == "bench_resnet":
         return bench_resnet(num_classes, input_size)
+    if arch == "bench_lite0":
+        model = BenchLite0(num_classes, input_size)
+        _init(model)
+        return model
     return bench_vgg(num_classes, input_size, batchnorm=arch == "bench_vgg")
 
 
@@ -149,7 +186,7 @@ def _init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def checkpoint(model: SmallCNN, *, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str],
+def checkpoint(model: SmallCNN | BenchLite0, *, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str],
                **extra: Any) -> dict:
     """A benchmark checkpoint for ``torch.save``: ``arch``, ``num_classes``, ``input_size``, preprocessing
     ``mean``/``std`` (RGB, of [0, 1] pixels), ``class_names``, the ``state_dict`` (CPU tensors) and ``extra``
