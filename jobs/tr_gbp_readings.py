@@ -3,7 +3,7 @@
     python -m jobs.tr_gbp_readings --claims runs/claims --out runs/tr_gbp_readings [--images 300]
                                    [--sanity-images 8] [--lite0-sanity-images 3] [--no-lite0] [--batch-size 32]
     python -m jobs.tr_gbp_readings --bench DIR --shortcut-bench DIR --model bench_resnet=PATH … \\
-                                   --shortcut-model PATH --out DIR
+                                   --shortcut-model CHECKPOINT --out DIR
 
 Every combination of the three ``tr_gbp`` options (``bias_terms`` effective | parameter | none × ``layer_norm``
 none | max × ``input_term`` gradient | gradient_x_input: 12 readings), and GBP as the yardstick, on each benchmark
@@ -16,8 +16,9 @@ model (its clean validation split) and on the real EfficientNet-Lite0 with the s
   class-sensitive);
 * ``sanity_spearman_abs``: cascading randomisation (attribution.sanity, seed 0), Spearman of |map| to the
   original map, mean over all steps and the first ``--sanity-images`` images (lower = more sensitive);
-* ``ibd_auc`` (the benchmark's ``bench_resnet`` trained on the border-shortcut variant only): IBD-AUC of the
-  top-1 maps for "prediction wrong" (TR-GBP §5.4 protocol).
+* ``ibd_auc`` (the model trained on the border-shortcut variant only, the architecture its checkpoint names;
+  ``bench_resnet`` in a jobs.claims directory): IBD-AUC of the top-1 maps for "prediction wrong" (TR-GBP §5.4
+  protocol).
 
 Also measured, to explain the benchmark/Lite0 difference: per bias unit the effective bias (BatchNorm folded) and
 the own bias parameters (sign share, mean, mean |b|: ``bias_stats.csv``), and per resolution the share of the
@@ -278,12 +279,12 @@ def run(config: StudyConfig, say: Callable[[str], None] = print) -> pd.DataFrame
         draw_grid(name, grid, split.pixels[:3], out / f"grid_{name}.png")
     table = pd.DataFrame(rows)
     if config.shortcut_checkpoint is not None:
-        spec = models.load("bench_resnet", weights=str(config.shortcut_checkpoint))
+        spec = models.load(str(config.shortcut_checkpoint))     # the architecture the checkpoint names
         split = load_split(sorted(str(p) for p in config.shortcut_bench.glob("val-*.tar")), spec.preprocessing,
                            config.images)
         ibd = pd.DataFrame(measure_ibd(spec, split, batch_size=config.batch_size, readings=config.readings))
-        say(f"shortcut bench_resnet: {int(ibd.ibd_wrong.iloc[0])} wrong of {len(split.keys)}")
-        table = table.merge(ibd.assign(model="bench_resnet"), on=["model", "reading"], how="left")
+        say(f"shortcut {spec.name}: {int(ibd.ibd_wrong.iloc[0])} wrong of {len(split.keys)}")
+        table = table.merge(ibd.assign(model=spec.name), on=["model", "reading"], how="left")
     table.to_csv(out / "readings.csv", index=False)
     (out / "readings.md").write_text(readings_markdown(table), encoding="utf-8")
     pd.DataFrame(biases).to_csv(out / "bias_stats.csv", index=False)
@@ -333,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bench", help="a jobs.make_benchmark directory (clean)")
     p.add_argument("--model", action="append", default=[], help="ARCH=CHECKPOINT, repeatable")
     p.add_argument("--shortcut-bench", help="the border-shortcut variant's directory")
-    p.add_argument("--shortcut-model", help="bench_resnet checkpoint trained on the shortcut variant")
+    p.add_argument("--shortcut-model", help="a benchmark checkpoint trained on the shortcut variant")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--sanity-images", type=int, default=8)
     p.add_argument("--lite0-sanity-images", type=int, default=3)
