@@ -13,7 +13,9 @@ import pandas as pd
 METHODS = ("saliency", "gbp", "gradcam", "tr_gbp", "a_fmi")
 REFERENCES = ("black", "white", "random")
 REFERENCE_METHODS = {"a_fmi": "reference", "ig": "baseline", "deeplift": "baseline"}
-ARCHS = ("bench_resnet", "bench_vgg", "bench_vgg_plain")  # bench_vgg_plain: conv biases, no BatchNorm (issue 16)
+# bench_vgg_plain: conv biases, no BatchNorm; bench_lite0: EfficientNet-Lite0 fine-tuned from its ImageNet weights,
+# the benchmark's stand-in for an ImageNet-trained CNN (issue 16, README "TR-GBP readings")
+ARCHS = ("bench_resnet", "bench_vgg", "bench_vgg_plain", "bench_lite0")
 
 
 @dataclass

@@ -6,8 +6,9 @@ A documented chain of the existing jobs; every intermediate output stays under `
 rerun or inspected on its own (reruns skip what is already there):
 
 1. ``jobs.make_benchmark``: the benchmark (``bench/``) and its border-shortcut variant (``bench_shortcut/``);
-2. ``jobs.train_benchmark_model``: ``bench_resnet``, ``bench_vgg`` and ``bench_vgg_plain`` on the benchmark,
-   ``bench_resnet`` on the shortcut variant (``models/*.pt``);
+2. ``jobs.train_benchmark_model``: ``bench_resnet``, ``bench_vgg`` and ``bench_vgg_plain`` on the benchmark (from
+   scratch), ``bench_lite0`` fine-tuned from EfficientNet-Lite0's ImageNet weights (``TRAIN_OPTIONS``: the
+   benchmark's stand-in for an ImageNet-trained CNN), ``bench_resnet`` on the shortcut variant (``models/*.pt``);
 3. ``jobs.attribute`` → ``jobs.evaluate`` on the validation split for each model (saliency, gbp, gradcam,
    tr_gbp, a_fmi, top-5 maps), on the shortcut variant (top-1 maps, for IBD), with ``--targets label --fmi`` on
    train + val (FMI prototypes), and a_fmi/ig/deeplift with black, white and random references; MoRF/LeRF
@@ -34,6 +35,8 @@ from jobs.claim_verdicts import (ARCHS, METHODS, REFERENCE_METHODS, REFERENCES, 
                                  evaluate_claims, write_claims)
 
 LITE0 = "efficientnet_lite0"
+# per-architecture training options: bench_lite0 is fine-tuned (ImageNet init, 3 epochs, peak lr 1e-3)
+TRAIN_OPTIONS = {"bench_lite0": ["--init", "imagenet", "--epochs", "3", "--lr", "0.001"]}
 
 
 @dataclass
@@ -128,7 +131,7 @@ def _train(shards: Path, arch: str, checkpoint: Path, config: ClaimsConfig, say)
     if not checkpoint.exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         args = ["jobs.train_benchmark_model", "--shards", str(shards), "--arch", arch, "--out", str(checkpoint),
-                "--seed", str(config.seed)]
+                "--seed", str(config.seed), *TRAIN_OPTIONS.get(arch, [])]
         _cli(args + (["--epochs", str(config.epochs)] if config.epochs else []), say)
     return checkpoint
 

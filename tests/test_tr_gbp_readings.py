@@ -155,6 +155,10 @@ def test_readings_study_on_a_tiny_benchmark(tmp_path):
     by_hand = float(torch.nanmean(energy_pointing_game(gbp[split.eligible], split.masks[split.eligible])))
     ours = float(table[(table.model == "bench_resnet") & (table.reading == "gbp")].ebpg.iloc[0])
     assert math.isclose(ours, by_hand, rel_tol=1e-9)
+    box_share = split.masks[split.eligible].float().mean((1, 2)).mean()        # chance: a constant map's EBPG
+    assert math.isclose(float(table[table.model == "bench_resnet"].ebpg_chance.iloc[0]), float(box_share),
+                        rel_tol=1e-6)
+    assert "EBPG of a constant map (chance)" in (tmp_path / "out" / "readings.md").read_text()
     for name in ("readings.csv", "readings.md", "bias_stats.csv", "resolution_shares.csv", "summary.json",
                  "grid_bench_resnet.png", "grid_bench_vgg_plain.png"):
         assert (tmp_path / "out" / name).exists(), name
