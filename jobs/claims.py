@@ -12,7 +12,8 @@ rerun or inspected on its own (reruns skip what is already there):
 3. ``jobs.attribute`` → ``jobs.evaluate`` on the validation split for each model (saliency, gbp, gradcam,
    tr_gbp, a_fmi, top-5 maps), on the shortcut variant (top-1 maps, for IBD), with ``--targets label --fmi`` on
    train + val (FMI prototypes), and a_fmi/ig/deeplift with black, white and random references; MoRF/LeRF
-   with black pixels and with ROAD's noisy linear imputation on the first ``road_images`` validation images;
+   with black pixels and with ROAD's noisy linear imputation on the first ``road_images`` validation images (the
+   references on the first ``reference_images``; both rounded up to whole shards of ``SHARD_SIZE`` = 50);
 4. ``jobs.sanity`` (gbp, tr_gbp) for each model; the same on the real EfficientNet-Lite0 with the real photos;
 5. ``jobs.report`` over everything, with the claims table on top.
 
@@ -119,12 +120,17 @@ def run(config: ClaimsConfig, say: Callable[..., None] = print) -> list[Claim]:
     return claims
 
 
+# Samples per benchmark shard: the steps limited to the first N validation images (references, ROAD) take whole
+# shards, so N is exact for multiples of 50 (100 by default) and rounded up to one otherwise.
+SHARD_SIZE = 50
+
+
 def _make_benchmark(folder: Path, config: ClaimsConfig, shortcut: float, say) -> None:
     if (folder / "classes.json").exists():
         return
     _cli(["jobs.make_benchmark", "--out", str(folder), "--size", str(config.size), "--classes", str(config.classes),
           "--train", str(config.train), "--val", str(config.val), "--shortcut", str(shortcut),
-          "--seed", str(config.seed)], say)
+          "--seed", str(config.seed), "--samples-per-shard", str(SHARD_SIZE)], say)
 
 
 def _train(shards: Path, arch: str, checkpoint: Path, config: ClaimsConfig, say) -> Path:
@@ -150,8 +156,8 @@ def _attribute(out: Path, shards: list[str], model: str, weights: Path | str, me
     from workers.attribution_worker import WorkerConfig
 
     uris = expand_shards(shards)
-    if limit is not None:  # the first shards holding at least ``limit`` samples
-        uris = uris[:max(1, -(-limit // _samples_per_shard(uris[0])))]
+    if limit is not None:
+        uris = first_shards(uris, limit)
     say(f"attribute: {model} {','.join(methods)} ({targets}) -> {out}")
     attribute_run(AttributeConfig(shards=uris, out=str(out), quiet=True, worker=WorkerConfig(
         model=model, weights=str(weights), methods=list(methods), method_options=options or {}, targets=targets,
@@ -159,10 +165,22 @@ def _attribute(out: Path, shards: list[str], model: str, weights: Path | str, me
     return out
 
 
-def _samples_per_shard(uri: str) -> int:
+def first_shards(uris: Sequence[str], limit: int) -> list[str]:
+    """The fewest leading shards (tar paths, in order) that hold at least ``limit`` samples (all of them if they
+    hold fewer): the first ``limit`` images, rounded up to whole shards (SHARD_SIZE)."""
+    chosen, total = [], 0
+    for uri in uris:
+        if total >= limit:
+            break
+        chosen.append(uri)
+        total += _samples_in(uri)
+    return chosen
+
+
+def _samples_in(uri: str) -> int:
     import tarfile
     with tarfile.open(uri) as tar:
-        return max(1, len({m.name.split(".")[0] for m in tar.getmembers()}))
+        return len({m.name.split(".")[0] for m in tar.getmembers()})
 
 
 # ROAD's evaluate: a CG solve per image, order and step for every method; small actor batches keep each Ray Data block
@@ -182,8 +200,8 @@ def _evaluate(out: Path, maps: Path, say, metrics: list[str] | None = None, limi
     source = manifest["config"]
     shards = None
     if limit is not None:
-        uris = [entry["uri"] for _, entry in sorted(manifest["shards"].items()) if "uri" in entry]
-        shards = uris[:max(1, -(-limit // _samples_per_shard(uris[0])))]
+        shards = first_shards([entry["uri"] for _, entry in sorted(manifest["shards"].items()) if "uri" in entry],
+                              limit)
     say(f"evaluate: {maps.name} -> {out}")
     evaluate_run(EvaluateJobConfig(out=str(out), quiet=True, dataset_metrics=[], shards=shards, batch_size=batch_size,
                                    worker=EvaluateConfig(attributions=str(maps), model=source["model"],

@@ -46,3 +46,19 @@ def test_cli_sizes_override_the_configuration_and_bad_sizes_fail_in_one_line(tmp
         claims_job.parse_args(["--out", str(tmp_path), "--road-images", "3"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--road-images must be at least 10" in err
+
+
+def test_image_limits_take_the_fewest_leading_shards_that_hold_them(tmp_path):
+    """--road-images / reference images: the first N validation images, rounded up to whole shards; the claims
+    benchmark is written in shards of SHARD_SIZE so the default 100 is exact (one 300-image shard took all 300)."""
+    from attribution.data import benchmark as bm
+    from jobs import make_benchmark
+
+    make_benchmark.make_benchmark(tmp_path, bm.BenchmarkConfig(size=48, num_classes=3), {"val": 120},
+                                  samples_per_shard=claims_job.SHARD_SIZE, log=lambda _: None)
+    uris = sorted(str(p) for p in tmp_path.glob("val-*.tar"))
+    assert len(uris) == 3 and claims_job.SHARD_SIZE == 50
+    assert claims_job.first_shards(uris, 100) == uris[:2]          # exactly 100 images
+    assert claims_job.first_shards(uris, 24) == uris[:1]           # rounded up to one shard
+    assert claims_job.first_shards(uris, 101) == uris             # 50 + 50 + 20
+    assert claims_job.first_shards(uris, 1000) == uris
