@@ -27,7 +27,8 @@ call each, then ``--repeats`` rounds, median):
   normalised units; ours: 0.01 / std, i.e. the authors' pixel units), so "agreement" is only indicative: the mean
   over steps of (p - p on the image), ours vs pytorch-grad-cam, differs by the noise draws and σ, and by
   pytorch-grad-cam's percentile thresholds (ties) vs our rank counting. Each reference call takes seconds per
-  image, so ROAD has its own ``--road-repeats`` (default 1, after one warm-up of ours only).
+  image, so ROAD has its own ``--road-repeats`` (default 1, after one warm-up of ours only). Ours also runs at the
+  first chunk size with the float32 solve (``--road-dtype float32`` of jobs.evaluate), marked "float32".
 
 Ours is timed at each ``--chunk-size`` (perturbed images per forward pass): large chunks are what a GPU wants;
 on a small CPU, batches beyond ~8 images run slower per image (cache), so compare at chunk 8 there.
@@ -63,7 +64,7 @@ from attribution.metrics.perturbation import (
     perturbation_curves,
     pixel_order,
 )
-from attribution.metrics.road import noise_for, road_curves
+from attribution.metrics.road import SOLVE_DTYPES, noise_for, road_curves
 from attribution.preprocessing import Preprocessing
 from bench.inputs import build_spec, mixed_targets, photo_batch
 from bench.provenance import device_name, git_commit, versions
@@ -137,7 +138,8 @@ def bench_metric(name: str, ours: dict[int, Callable[[], Tensor]], reference: Ca
 def table(rows: list[dict]) -> str:
     """The results (rows of :func:`bench_metric` / :func:`bench_road`) as a text table, one line per chunk size."""
     head = ("metric", "chunk", "ours img/s", "reference img/s", "speed-up (ref/ours s)", "max |ours - ref|")
-    lines = [(r["metric"] if i == 0 else "", str(o["chunk_size"]), f"{o['images_per_s']:.2f}",
+    lines = [(r["metric"] if i == 0 else "", f"{o['chunk_size']}{' float32' if o.get('dtype') == 'float32' else ''}",
+              f"{o['images_per_s']:.2f}",
               f"{r['quantus']['images_per_s']:.2f}" if i == 0 else "", f"{o['speedup']:.2f}x",
               f"{o['max_abs_diff']:.1e}") for r in rows for i, o in enumerate(r["ours"])]
     return text_table(head, lines)
@@ -155,10 +157,11 @@ def gradcam_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
     return np.stack([morf, lerf], axis=1).astype(np.float64)
 
 
-def ours_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, noise: Tensor, chunk: int
-              ) -> tuple[Tensor, dict]:
-    """Ours, in pytorch-grad-cam's units: [N, 2] = mean over steps of p - p on the image (MoRF, LeRF); + solver."""
-    out = road_curves(model, images, maps, targets, noise=noise.to(images.device), chunk_size=chunk)
+def ours_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, noise: Tensor, chunk: int,
+              dtype: torch.dtype = torch.float64) -> tuple[Tensor, dict]:
+    """Ours, in pytorch-grad-cam's units: [N, 2] = mean over steps of p - p on the image (MoRF, LeRF); + solver
+    (``dtype``: the imputation solve's precision)."""
+    out = road_curves(model, images, maps, targets, noise=noise.to(images.device), chunk_size=chunk, dtype=dtype)
     with torch.inference_mode():
         p0 = model(images).float().softmax(dim=1).gather(1, targets[:, None])[:, 0]
     diff = torch.stack([out[o]["prob"].mean(dim=1) - p0 for o in ("morf", "lerf")], dim=1).double().cpu()
@@ -168,18 +171,23 @@ def ours_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, n
 
 def bench_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, noise: Tensor, chunks: list[int],
                repeats: int, device: torch.device, max_foreign: float, wait_quiet_s: float) -> dict:
-    """ROAD (MoRF + LeRF at 9 fractions) images/s, ours at each chunk size vs pytorch-grad-cam, interleaved."""
-    solver: dict[int, dict] = {}
+    """ROAD (MoRF + LeRF at 9 fractions) images/s, ours at each chunk size (float64 solve) and at the first chunk
+    size with the float32 solve (jobs.evaluate --road-dtype float32) vs pytorch-grad-cam, interleaved."""
+    solver: dict[str, dict] = {}
+    variants = {f"ours_chunk{c}": (c, "float64") for c in chunks}
+    variants[f"ours_chunk{chunks[0]}_float32"] = (chunks[0], "float32")
 
-    def ours(chunk: int) -> Callable[[], Tensor]:
+    def ours(name: str) -> Callable[[], Tensor]:
+        chunk, dtype = variants[name]
+
         def run() -> Tensor:
-            diff, solver[chunk] = ours_road(model, images, maps, targets, noise, chunk)
+            diff, solver[name] = ours_road(model, images, maps, targets, noise, chunk, SOLVE_DTYPES[dtype])
             return diff
         return run
 
-    for chunk in chunks:  # warm-up of ours only: the reference's one-time costs are negligible next to its solves
-        ours(chunk)()
-    fns: dict[str, Callable] = {f"ours_chunk{c}": ours(c) for c in chunks}
+    for name in variants:  # warm-up of ours only: the reference's one-time costs are negligible next to its solves
+        ours(name)()
+    fns: dict[str, Callable] = {name: ours(name) for name in variants}
     fns["pytorch_grad_cam"] = lambda: gradcam_road(model, images, maps, targets)
     results, times, loads = interleaved(fns, repeats, device, max_foreign=max_foreign, retries=0,
                                         wait_quiet_s=wait_quiet_s, warmup=False)
@@ -187,12 +195,12 @@ def bench_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, 
     ref = per_image_stats(times["pytorch_grad_cam"], loads["pytorch_grad_cam"], batch)
     row: dict[str, Any] = {"metric": "road", "reference": "pytorch-grad-cam ROAD{Most,Least}RelevantFirstAverage",
                            "quantus": {**ref, "images_per_s": 1 / ref["s_per_image"]}, "ours": []}
-    for chunk in chunks:
-        o = per_image_stats(times[f"ours_chunk{chunk}"], loads[f"ours_chunk{chunk}"], batch)
-        diff = float(np.abs(results[f"ours_chunk{chunk}"].numpy() - results["pytorch_grad_cam"]).max())
-        row["ours"].append({"chunk_size": chunk, **o, "images_per_s": 1 / o["s_per_image"],
+    for name, (chunk, dtype) in variants.items():
+        o = per_image_stats(times[name], loads[name], batch)
+        diff = float(np.abs(results[name].numpy() - results["pytorch_grad_cam"]).max())
+        row["ours"].append({"chunk_size": chunk, "dtype": dtype, **o, "images_per_s": 1 / o["s_per_image"],
                             "speedup": ref["s_per_image"] / o["s_per_image"], "max_abs_diff": diff,
-                            "solver": solver[chunk]})
+                            "solver": solver[name]})
     return row
 
 
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
                                args.road_repeats, device, args.max_foreign, args.wait_quiet))
         print(f"  road ({k} images, MoRF + LeRF at 9 fractions): {time.perf_counter() - t0:.1f} s", flush=True)
         for o in rows[-1]["ours"]:
-            print(f"    ours chunk {o['chunk_size']}: CG {o['solver']}", flush=True)
+            print(f"    ours chunk {o['chunk_size']} {o['dtype']}: CG {o['solver']}", flush=True)
 
     print()
     print(table(rows))

@@ -58,16 +58,9 @@ def evaluated(maps_dir, tmp_path_factory):
     return out, evaluate_run(road_config(maps_dir, out))
 
 
-def test_four_road_rows_per_map_equal_to_a_direct_call(evaluated, maps_dir):
-    out, summary = evaluated
-    table = read_table(str(out), "metrics")
-    validate_metrics(table)
-    frame = table.to_pandas()
-    assert summary["errors"] == 0 and summary["samples"] == 4
-    assert frame.groupby("metric").size().to_dict() == {name: 4 * len(METHODS) for name in ROAD_NAMES}
-    for curve, steps in zip(frame.curve, frame.steps):
-        assert list(steps) == pytest.approx(FRACTIONS) and len(curve) == len(FRACTIONS)
-
+def direct_road(maps_dir: Path, dtype: torch.dtype = torch.float64) -> tuple[list[str], list[str], dict]:
+    """road_curves on the stored maps and decoded pixels with the job's seeds: (keys, methods, curves), rows sorted
+    by (key, method)."""
     spec = models.load("efficientnet_lite0", weights="imagenet")
     maps_table = read_table(str(maps_dir)).sort_by([("key", "ascending"), ("method", "ascending")])
     keys, methods = maps_table.column("key").to_pylist(), maps_table.column("method").to_pylist()
@@ -83,7 +76,21 @@ def test_four_road_rows_per_map_equal_to_a_direct_call(evaluated, maps_dir):
     targets = torch.tensor(maps_table.column("target").to_pylist())
     seeds = [zlib.crc32(f"0:{k}".encode()) for k in keys]  # the job's: crc32(f"{road_seed}:{key}")
     direct = road_curves(spec.module, images, maps, targets, FRACTIONS, lerf_by_abs=torch.tensor(
-        [m == "gbp" for m in methods]), noise=noise_for(spec.preprocessing), seeds=seeds, chunk_size=5)
+        [m == "gbp" for m in methods]), noise=noise_for(spec.preprocessing), seeds=seeds, chunk_size=5, dtype=dtype)
+    return keys, methods, direct
+
+
+def test_four_road_rows_per_map_equal_to_a_direct_call(evaluated, maps_dir):
+    out, summary = evaluated
+    table = read_table(str(out), "metrics")
+    validate_metrics(table)
+    frame = table.to_pandas()
+    assert summary["errors"] == 0 and summary["samples"] == 4
+    assert frame.groupby("metric").size().to_dict() == {name: 4 * len(METHODS) for name in ROAD_NAMES}
+    for curve, steps in zip(frame.curve, frame.steps):
+        assert list(steps) == pytest.approx(FRACTIONS) and len(curve) == len(FRACTIONS)
+
+    keys, methods, direct = direct_road(maps_dir)
     for r, (key, method) in enumerate(zip(keys, methods)):
         got = frame[(frame.key == key) & (frame.method == method)].set_index("metric")
         for order in ("morf", "lerf"):
@@ -105,6 +112,20 @@ def test_rerun_resumes_and_a_changed_road_setting_is_refused(evaluated, maps_dir
     assert manifest["config"]["road_fractions"] == FRACTIONS and manifest["config"]["road_noise"] == 0.01
     with pytest.raises(JobError, match="road_seed"):
         evaluate_run(road_config(maps_dir, out, road_seed=1))
+    with pytest.raises(JobError, match="road_dtype"):
+        evaluate_run(road_config(maps_dir, out, road_dtype="float32"))
+
+
+def test_float32_solve_rows_equal_a_direct_float32_call(maps_dir, tmp_path):
+    """--road-dtype float32 reaches the solver: the rows equal road_curves(dtype=float32) on the same inputs."""
+    evaluate_run(road_config(maps_dir, tmp_path / "road32", road_dtype="float32"))
+    frame = read_table(str(tmp_path / "road32"), "metrics").to_pandas()
+    keys, methods, direct = direct_road(maps_dir, torch.float32)
+    for r, (key, method) in enumerate(zip(keys, methods)):
+        got = frame[(frame.key == key) & (frame.method == method)].set_index("metric")
+        for order in ("morf", "lerf"):
+            np.testing.assert_allclose(got.loc[f"road_{order}"].curve, direct[order]["prob"][r].numpy(),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_report_shows_road_columns_and_curves(evaluated, tmp_path):
