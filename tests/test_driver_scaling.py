@@ -199,3 +199,16 @@ def test_embedded_ray_keeps_idle_workers_and_a_cluster_is_left_alone(monkeypatch
     assert local_system_config(16) == {}
     ensure_ray(num_cpus=2)
     assert calls[-1]["_system_config"] == {}
+
+
+def test_driver_memory_bench_runs_without_ray(tmp_path, capsys):
+    """bench.driver_memory --no-ray (the script cannot rot): ShardedRun's retained heap per shard is measured at
+    each count and written; every shard leaves its manifest entry behind, so it is positive."""
+    from bench import driver_memory
+
+    out = tmp_path / "dm.json"
+    assert driver_memory.main(["--shards", "20,40", "--no-ray", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["shards"] for r in report["ours"]] == [20, 40] and report["ray"] == []
+    assert all(r["bytes_per_shard"] > 0 for r in report["ours"])
+    assert "ours: ShardedRun (heap)" in capsys.readouterr().out
