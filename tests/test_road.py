@@ -113,11 +113,12 @@ def test_a_large_smooth_hole_at_224_px_equals_scipy():
 
 
 @pytest.mark.parametrize("size", [40, 224])
-def test_float32_solve_equals_scipy_within_100x_its_residual(size):
+def test_float32_solve_equals_scipy_far_below_road_noise(size):
     """dtype=float32 (jobs.evaluate --road-dtype float32): the border masks and the 224-px 90 % hole, normalised
-    images (|values| up to ~2.6). The true residual bottoms out near float32 rounding (~1e-6 x the values); the
-    error is at most ~250x it (measured 4.8e-4 on the hole, ~200x) and 50x below ROAD's noise in these units
-    (σ = 0.01 pixel = 0.044 here), which is what the option promises; the float64 default stays inside 1e-5."""
+    images (|values| up to ~2.6). The true residual bottoms out near float32 rounding (1.9e-6 … 2.3e-6 measured,
+    depending on the thread count, so it is no yardstick for the error); the error (4.8e-4 on the hole with 1 and
+    2 threads) must stay 50x below ROAD's noise in these units (σ = 0.01 pixel = 0.044 here), which is what the
+    option promises; the float64 default stays inside 1e-5."""
     h = w = size
     if size == 224:
         yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -133,7 +134,7 @@ def test_float32_solve_equals_scipy_within_100x_its_residual(size):
     assert ours.dtype == torch.float32 and info.max_residual <= 10 * FLOAT32_TOL, info
     ref = np.stack([scipy_imputation(images[i].numpy(), removed[i].numpy()) for i in range(len(removed))])
     diff = np.abs(ours.double().numpy() - ref).max()
-    assert diff <= 250 * max(info.max_residual, FLOAT32_TOL) and diff < PIXEL_NOISE / 0.226 / 50, (diff, info)
+    assert diff < PIXEL_NOISE / 0.226 / 50, (diff, info)
     default, _ = linear_imputation(images.float(), removed, return_info=True)   # float64 solve, float32 out
     assert np.abs(default.double().numpy() - ref).max() < 1e-5
 
