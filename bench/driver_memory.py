@@ -2,7 +2,7 @@
 the number of shards"; bench.scale measured +57 KB of driver RSS per committed shard at 100 shards).
 
     python -m bench.driver_memory [--shards 200,2000] [--ray-blocks 100,1000] [--out bench/results/driver_memory.json]
-                                  [--no-ray]
+                                  [--ray-chunk K] [--no-ray]
 
 1. *ours*: :class:`jobs.scaffold.ShardedRun` — the driver loop of jobs.attribute / jobs.evaluate / jobs.sanity
    (commit records, manifest entries, progress) — fed one write-step summary per shard, no Ray; the Python heap it
@@ -10,7 +10,8 @@ the number of shards"; bench.scale measured +57 KB of driver RSS per committed s
 2. *ray*: a Ray Data pipeline with the same shape and no work — ``from_items`` of N blocks -> a ``map_batches``
    task per block -> the driver iterating the results, as ShardedRun does — on a fresh embedded Ray; the driver's
    RSS before and after, per block, at each ``--ray-blocks`` count. (RSS, not the heap: Ray Data's bookkeeping is
-   partly in its C++ core worker.)
+   partly in its C++ core worker.) With ``--ray-chunk K`` each count above K runs again as consecutive datasets of
+   K blocks, as ShardedRun runs the shards (``shards_per_dataset``): a peak that stays at the K-block level is flat.
 
 A per-shard figure that stays the same from the small count to the large one is a cost that grows linearly with the
 shards; its size says whether it matters (10,000 shards × 1 KB = 10 MB). Prints a table and writes JSON.
@@ -66,8 +67,11 @@ def ours_per_shard(shards: int) -> dict:
             "seconds": seconds}
 
 
-def ray_per_block(blocks: int) -> dict:
-    """Driver RSS growth across a no-work Ray Data pipeline of ``blocks`` blocks (a fresh embedded Ray)."""
+def ray_per_block(blocks: int, chunk: int | None = None) -> dict:
+    """Driver RSS growth across a no-work Ray Data pipeline of ``blocks`` blocks (a fresh embedded Ray), run as one
+    dataset or, with ``chunk``, as consecutive datasets of at most ``chunk`` blocks each (what
+    jobs.scaffold.ShardedRun does with ``shards_per_dataset``). ``rss_peak``: the highest RSS seen after each
+    dataset."""
     import numpy as np
     import ray
 
@@ -87,17 +91,22 @@ def ray_per_block(blocks: int) -> dict:
         warm = ray.data.from_items([{"shard": i, "samples": 1} for i in range(4)], override_num_blocks=4)
         list(warm.map_batches(touch, batch_size=None).iter_rows())        # workers started, modules imported
         gc.collect()
-        before = process.memory_info().rss
+        before = peak = process.memory_info().rss
         t0 = time.perf_counter()
-        ds = ray.data.from_items([{"shard": i, "samples": 1} for i in range(blocks)], override_num_blocks=blocks)
-        seen = sum(1 for _ in ds.map_batches(touch, batch_size=None).iter_rows())
+        size = chunk or blocks
+        seen = 0
+        for start in range(0, blocks, size):
+            n = min(size, blocks - start)
+            ds = ray.data.from_items([{"shard": start + i, "samples": 1} for i in range(n)], override_num_blocks=n)
+            seen += sum(1 for _ in ds.map_batches(touch, batch_size=None).iter_rows())
+            peak = max(peak, process.memory_info().rss)
         seconds = time.perf_counter() - t0
         gc.collect()
         after = process.memory_info().rss
     finally:
         ray.shutdown()
-    return {"blocks": blocks, "rows": seen, "rss_before": before, "rss_after": after,
-            "bytes_per_block": (after - before) / blocks, "seconds": seconds}
+    return {"blocks": blocks, "chunk": chunk, "rows": seen, "rss_before": before, "rss_after": after,
+            "rss_peak": max(peak, after), "bytes_per_block": (after - before) / blocks, "seconds": seconds}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,17 +114,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.driver_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", default="200,2000", help="shard counts for ShardedRun (comma-separated)")
     p.add_argument("--ray-blocks", default="100,1000", help="block counts for the Ray Data pipeline")
+    p.add_argument("--ray-chunk", type=int, default=None,
+                   help="also run each block count above this as datasets of this many blocks (ShardedRun's "
+                        "shards_per_dataset)")
     p.add_argument("--no-ray", action="store_true", help="only the ShardedRun part (seconds; the test runs this)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
     report: dict = {"ours": [ours_per_shard(int(n)) for n in a.shards.split(",")], "ray": []}
     if not a.no_ray:
-        report["ray"] = [ray_per_block(int(n)) for n in a.ray_blocks.split(",")]
-    print(f"{'part':<28}{'count':>8}{'bytes / unit':>16}{'seconds':>10}")
+        counts = [int(n) for n in a.ray_blocks.split(",")]
+        report["ray"] = [ray_per_block(n) for n in counts]
+        if a.ray_chunk:
+            report["ray"] += [ray_per_block(n, a.ray_chunk) for n in counts if n > a.ray_chunk]
+    print(f"{'part':<36}{'count':>8}{'bytes / unit':>16}{'peak RSS growth':>17}{'seconds':>10}")
     for r in report["ours"]:
-        print(f"{'ours: ShardedRun (heap)':<28}{r['shards']:>8}{r['bytes_per_shard']:>16.0f}{r['seconds']:>10.2f}")
+        print(f"{'ours: ShardedRun (heap)':<36}{r['shards']:>8}{r['bytes_per_shard']:>16.0f}{'':>17}"
+              f"{r['seconds']:>10.2f}")
     for r in report["ray"]:
-        print(f"{'Ray Data pipeline (RSS)':<28}{r['blocks']:>8}{r['bytes_per_block']:>16.0f}{r['seconds']:>10.2f}")
+        what = "Ray Data pipeline (RSS)" + (f", by {r['chunk']}" if r["chunk"] else "")
+        growth = (r["rss_peak"] - r["rss_before"]) / 2 ** 20
+        print(f"{what:<36}{r['blocks']:>8}{r['bytes_per_block']:>16.0f}{growth:>13.1f} MiB{r['seconds']:>10.2f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"wrote {a.out}")

@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
     if a.model not in models.MODEL_NAMES:
         fail(f"unknown model {a.model!r}; known: {', '.join(models.MODEL_NAMES)}")
     options = parse_method_options(a.method_options, example='{"a_fmi": {"reference": "white"}}')
-    require_at_least_one(a, ("batch_size", "workers"))
+    require_at_least_one(a, ("batch_size", "workers", "shards_per_dataset"))
     map_size, map_sizes = per_method("--map-size", a.map_size, methods, _map_size)
     map_dtype, map_dtypes = per_method("--map-dtype", a.map_dtype, methods, _map_dtype)
     worker = WorkerConfig(model=a.model, weights=a.weights, methods=methods, method_options=options,

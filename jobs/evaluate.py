@@ -222,7 +222,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
     unknown = [m for m in wanted if m not in ALL_METRICS]
     if not wanted or unknown:
         fail(f"unknown metric {unknown[0] if unknown else '(none)'!r}; known: {', '.join(ALL_METRICS)}")
-    require_at_least_one(a, ("morf_steps", "insertion_steps", "chunk_size", "batch_size", "workers"))
+    require_at_least_one(a, ("morf_steps", "insertion_steps", "chunk_size", "batch_size", "workers",
+                               "shards_per_dataset"))
     if a.border < 0:
         fail("--border must be non-negative")
     try:

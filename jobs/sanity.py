@@ -333,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> SanityJobConfig:
     p.add_argument("--steps", type=int, default=None, help="randomise only the top N blocks (default: all)")
     add_actor_arguments(p, precision_help="compute precision of the methods' passes (bf16/fp16: autocast); maps "
                         "are float32", overwrite_help="replace the outputs of a previous run in --out",
-                        workers_flags=("--num-workers", "--workers"))
+                        workers_flags=("--num-workers", "--workers"), sharded=False)
     a = p.parse_args(argv)
     methods = parse_methods(a.methods)
     if len(set(methods)) != len(methods):

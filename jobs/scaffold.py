@@ -8,7 +8,8 @@ What each job keeps to itself: its worker, its schema, its own options. What the
 - :func:`actor_stage`: decode on CPU tasks -> the job's actor pool, sized for the connected cluster;
 - :class:`ShardedRun`: the output directory of a resumable job — manifest (config key, versions, per-shard status),
   ``--overwrite``, the "same run?" check, resume (only uncommitted shards are done again), the commit loop with
-  one progress line per committed shard, and the summary.
+  one progress line per committed shard (the pending shards run as consecutive Ray datasets of at most
+  ``shards_per_dataset`` shards, so the driver's memory is bounded whatever the shard count), and the summary.
 
 The commit records (``_commits/<shard>.json``) are the truth about which shards are done; ``manifest.json`` is a
 view of them, written at the start, at most every MANIFEST_INTERVAL_S while shards commit, when the commit loop
@@ -17,6 +18,7 @@ ends, on failure and at the finish (rewriting it at every commit cost O(shards²
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -32,6 +34,13 @@ from schemas.storage import StorageError
 from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
 from workers.sink import OutputStore, compact_on_ray
+
+# The most shards one Ray dataset runs. Ray Data keeps per-block state in the driver for the life of a dataset (measured
+# by bench/driver_memory.py: ~12-26 KB per block and operator; bench/scale.py: ~57 KB per shard for jobs.attribute's
+# four operators), so one dataset over 10,000 shards would hold ~0.5 GB; consecutive datasets of 1000 shards keep it at
+# the 1000-shard level. The price is one actor start (model load) per 1000 shards, i.e. per 100,000+ images at
+# ImageNet's shard sizes; ImageNet val (50-100 shards) runs as one dataset.
+SHARDS_PER_DATASET = 1000
 
 SHARDS_HELP = "tar shards: brace patterns, globs, dirs, s3:// gs://, or comma-separated lists of those"
 
@@ -50,6 +59,7 @@ class ActorJobSettings:
     overwrite: bool = False
     address: str | None = None
     quiet: bool = False
+    shards_per_dataset: int = SHARDS_PER_DATASET
 
     def say(self) -> Callable[..., None]:
         """The job's progress printer (silent when ``quiet``)."""
@@ -73,9 +83,10 @@ def add_model_arguments(p: argparse.ArgumentParser, methods_default: str | None 
 
 
 def add_actor_arguments(p: argparse.ArgumentParser, precision_help: str, overwrite_help: str,
-                        workers_flags: Sequence[str] = ("--workers",)) -> None:
+                        workers_flags: Sequence[str] = ("--workers",), sharded: bool = True) -> None:
     """``--precision`` and the actor resources: ``--batch-size``, ``--workers``, ``--gpus-per-worker``,
-    ``--cpus-per-worker``, ``--device``, ``--address``, ``--overwrite``."""
+    ``--cpus-per-worker``, ``--device``, ``--address``, ``--overwrite``, and for jobs that run through ShardedRun
+    (``sharded``) ``--shards-per-dataset``."""
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=precision_help)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument(*workers_flags, dest="workers", type=int, default=None,
@@ -85,6 +96,10 @@ def add_actor_arguments(p: argparse.ArgumentParser, precision_help: str, overwri
     p.add_argument("--device", default=None, help="force a torch device for the actors (cpu, cuda)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if sharded:
+        p.add_argument("--shards-per-dataset", type=int, default=SHARDS_PER_DATASET,
+                       help=f"run at most this many shards per Ray dataset, the next ones in a new one (default "
+                            f"{SHARDS_PER_DATASET}: bounds the driver's memory; each dataset starts its actors anew)")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -118,7 +133,8 @@ def require_at_least_one(a: argparse.Namespace, names: Sequence[str]) -> None:
 def actor_settings(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed resource arguments as ActorJobSettings keyword arguments."""
     return {"batch_size": a.batch_size, "workers": a.workers, "gpus_per_worker": a.gpus_per_worker,
-            "cpus_per_worker": a.cpus_per_worker, "overwrite": a.overwrite, "address": a.address}
+            "cpus_per_worker": a.cpus_per_worker, "overwrite": a.overwrite, "address": a.address,
+            "shards_per_dataset": getattr(a, "shards_per_dataset", SHARDS_PER_DATASET)}
 
 
 def check_methods(methods: Sequence[str], options_for: Callable[[str], dict], precision: str) -> None:
@@ -267,23 +283,32 @@ class ShardedRun:
                            "use --overwrite or another --out")
 
     def process(self, pipeline: Callable[[list[str]], Iterable[dict[str, Any]]], noun: str) -> None:
-        """Run ``pipeline(pending shard URIs)`` (an iterable of workers.sink.SUMMARY_SCHEMA rows, e.g. a Ray
-        dataset's ``iter_rows()``) and commit each shard as soon as all its samples are written, with one progress
-        line per shard (``noun``: what a result row is called). Nothing to do: no Ray start. The manifest is
-        written when the loop ends; an exception (Ctrl-C included) marks it failed and propagates."""
+        """Run ``pipeline(shard URIs)`` (an iterable of workers.sink.SUMMARY_SCHEMA rows, e.g. a Ray dataset's
+        ``iter_rows()``) over the pending shards and commit each shard as soon as all its samples are written, with
+        one progress line per shard (``noun``: what a result row is called). The pending shards go to ``pipeline``
+        in consecutive slices of at most ``settings.shards_per_dataset`` (:meth:`slices`), each started when the
+        previous one is exhausted. Nothing to do: no Ray start. The manifest is written when the loop ends; an
+        exception (Ctrl-C included) marks it failed and propagates."""
         self.started = time.perf_counter()
         if not self.pending:
             return
         ensure_ray(self.settings.address)
         try:
+            summaries = itertools.chain.from_iterable(pipeline(part) for part in self.slices())
             # each complete shard's parts are compacted by a Ray task, then committed here
-            for record in self.store.commit_complete(pipeline(self.pending), submit=compact_on_ray):
+            for record in self.store.commit_complete(summaries, submit=compact_on_ray):
                 self._committed(record, noun)
         except BaseException as exc:
             record_failure(self.store, self.manifest, exc)
             self.manifest_writes += 1
             raise
         self._write_manifest()
+
+    def slices(self) -> list[list[str]]:
+        """The pending shard URIs in consecutive slices of at most ``settings.shards_per_dataset`` (one Ray dataset
+        each: Ray Data's per-block driver state lives as long as its dataset)."""
+        size = max(1, self.settings.shards_per_dataset)
+        return [self.pending[i:i + size] for i in range(0, len(self.pending), size)]
 
     def _committed(self, record: dict, noun: str) -> None:
         shard = record["shard"]
@@ -321,7 +346,7 @@ class ShardedRun:
         return summary
 
 
-__all__ = ["ActorJobSettings", "MANIFEST_INTERVAL_S", "SHARDS_HELP", "ShardedRun", "actor_settings", "actor_stage",
-           "add_actor_arguments", "add_model_arguments", "add_shards_argument", "check_methods",
+__all__ = ["ActorJobSettings", "MANIFEST_INTERVAL_S", "SHARDS_HELP", "SHARDS_PER_DATASET", "ShardedRun",
+           "actor_settings", "actor_stage", "add_actor_arguments", "add_model_arguments", "add_shards_argument", "check_methods",
            "parse_method_options", "parse_methods", "read_shards", "record_failure", "require_at_least_one",
            "run_cli", "versions"]

@@ -145,3 +145,67 @@ def test_compaction_as_a_ray_task(ray_session, staged_batches, tmp_path):
     (record,) = list(store.commit_complete(summaries, submit=compact_on_ray))
     assert sorted(Path(f).parts[0] for f in record["files"]) == ["attributions", "attributions", "errors"]
     assert len(_committed_rows(store, [f for f in record["files"] if f.startswith("attributions/")])) == 7 * 2 * 5
+
+
+def _bench_parts(tmp_path: Path, keys_per_part: list[list[str]]) -> tuple[OutputStore, list[str]]:
+    """Staged attribution parts (bench.compaction's actor-output batches: 2 methods x top-5, 16-px float16 maps of
+    random values) with the given keys, one part per list, written by the job's write step."""
+    import numpy as np
+
+    from bench.compaction import batch_table
+
+    rng = np.random.default_rng(1)
+    store = OutputStore(str(tmp_path))
+    store.ensure()
+    files = []
+    for keys in keys_per_part:
+        summary, = write_parts(batch_table(keys, 2, 5, 16, "float16", rng), str(tmp_path), ("parquet",)).to_pylist()
+        files += json.loads(summary["files"])
+    return store, files
+
+
+def _sorted_in_memory(store: OutputStore, files: list[str]) -> pa.Table:
+    return pa.concat_tables([pq.read_table(store.path(f)) for f in files]).sort_by("key")
+
+
+def test_consecutive_parts_are_streamed_row_group_by_row_group(tmp_path, monkeypatch):
+    """Parts of consecutive samples (what actor batches are), staged out of order: the merge never reads a part
+    whole (ParquetFile.read refused), and its file equals the in-memory concatenation sorted by key, in full row
+    groups of ROW_GROUP_SIZE rows but the last, with the parts' schema."""
+    import workers.sink as sink
+
+    monkeypatch.setattr(sink, "ROW_GROUP_SIZE", 32)
+    keys = [f"k{i:04d}" for i in range(50)]
+    parts = [keys[20:27], keys[0:10], keys[10:20], keys[27:50]]  # 70, 100, 100, 230 rows
+    store, files = _bench_parts(tmp_path, parts)
+    expected = _sorted_in_memory(store, files)
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("a part was read whole"))
+    (merged,) = compact_parts(str(tmp_path), "val-000000.tar", files)
+    result = pq.ParquetFile(store.path(merged))
+    assert [result.metadata.row_group(i).num_rows for i in range(result.num_row_groups)] == [32] * 15 + [20]
+    assert result.schema_arrow.equals(pq.read_schema(store.path(files[0])), check_metadata=True)
+    monkeypatch.undo()
+    assert pq.read_table(store.path(merged)).equals(expected)
+
+
+def test_overlapping_parts_are_sorted_in_memory(tmp_path):
+    """Parts whose key ranges interleave cannot be streamed in order: the merge reads them and sorts; every row,
+    sorted by key."""
+    keys = [f"k{i:04d}" for i in range(12)]
+    store, files = _bench_parts(tmp_path, [keys[0::2], keys[1::2]])
+    (merged,) = compact_parts(str(tmp_path), "val-000000.tar", files)
+    table = pq.read_table(store.path(merged))
+    assert table.num_rows == 12 * 2 * 5 and table.column("key").to_pylist() == sorted(table.column("key").to_pylist())
+    assert table.equals(_sorted_in_memory(store, files))
+
+
+def test_compaction_bench_dry_run(tmp_path):
+    """bench.compaction end to end at a tiny size: staged parts, one merged file, every check passed."""
+    from bench.compaction import main
+
+    out = tmp_path / "compaction.json"
+    assert main(["--images", "20", "--methods", "2", "--size", "16", "--batch", "4", "--work", str(tmp_path / "w"),
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["staged"]["parts"] == 5 and report["compacted"]["files"] == 1
+    assert report["compacted"]["rows"] == 20 * 2 * 5 and report["compacted"]["ok"]

@@ -212,3 +212,51 @@ def test_driver_memory_bench_runs_without_ray(tmp_path, capsys):
     assert [r["shards"] for r in report["ours"]] == [20, 40] and report["ray"] == []
     assert all(r["bytes_per_shard"] > 0 for r in report["ours"])
     assert "ours: ShardedRun (heap)" in capsys.readouterr().out
+
+
+def test_pending_shards_run_as_consecutive_datasets_of_bounded_size(tmp_path, clock):
+    """shards_per_dataset = 3 over 8 shards, 2 already committed: the pipeline is called on slices of 3, 3 of the 6
+    pending shards, in order, each only once the previous slice's rows are exhausted (one Ray dataset alive at a
+    time), and every shard commits once."""
+    uris = uris_of(8)
+    first = new_run(tmp_path / "out", uris)
+    first.process(lambda pending: summaries([Path(u).name for u in pending[:2]], clock, step_s=1.0), noun="rows")
+    calls: list[list[str]] = []
+    exhausted: list[int] = []
+
+    def pipeline(part: list[str]):  # called when the dataset is built, like the jobs' lambdas
+        assert len(exhausted) == len(calls), "a dataset was built before the previous one was exhausted"
+        calls.append([Path(u).name for u in part])
+
+        def rows():
+            yield from summaries(calls[-1], clock, step_s=1.0)
+            exhausted.append(len(calls))
+        return rows()
+
+    job = ShardedRun("attribute", str(tmp_path / "out"), KEY, uris,
+                     ActorJobSettings(quiet=True, shards_per_dataset=3), recorded={"shards": uris})
+    assert job.slices() == [uris[2:5], uris[5:8]]
+    job.process(pipeline, noun="rows")
+    assert calls == [[Path(u).name for u in uris[2:5]], [Path(u).name for u in uris[5:8]]]
+    summary = job.finish("rows", noun="rows")
+    assert summary["shards_committed"] == 8 and summary["samples"] == 6
+    assert set(OutputStore(str(tmp_path / "out")).committed()) == {Path(u).name for u in uris}
+
+
+@pytest.mark.parametrize("size, expected", [(1, [[0], [1], [2]]), (2, [[0, 1], [2]]), (1000, [[0, 1, 2]])])
+def test_slices_cover_the_pending_shards_in_order(tmp_path, clock, size, expected):
+    uris = uris_of(3)
+    job = ShardedRun("attribute", str(tmp_path / "out"), KEY, uris,
+                     ActorJobSettings(quiet=True, shards_per_dataset=size), recorded={"shards": uris})
+    assert job.slices() == [[uris[i] for i in part] for part in expected]
+
+
+def test_shards_per_dataset_flag(tmp_path):
+    from jobs.attribute import parse_args
+
+    common = ["--shards", "s.tar", "--model", "resnet18", "--methods", "gbp", "--out", str(tmp_path)]
+    assert parse_args(common).shards_per_dataset == scaffold.SHARDS_PER_DATASET
+    assert parse_args(common + ["--shards-per-dataset", "5"]).shards_per_dataset == 5
+    with pytest.raises(SystemExit) as exc:
+        parse_args(common + ["--shards-per-dataset", "0"])
+    assert exc.value.code == 2

@@ -137,6 +137,24 @@ def test_rerun_skips_committed_and_overwrite_recomputes(full_run, photo_shards):
         run(lite0_config(photo_shards, out, methods=("saliency",), format="both", worker={"map_dtype": "float16"}))
 
 
+def test_one_dataset_per_shard_gives_the_same_maps(ray_session, full_run, photo_shards, tmp_path):
+    """--shards-per-dataset 1: each shard runs as its own Ray dataset (its own actor pool) and the run is the same:
+    every (sample, target) of gbp once, the maps of the one-dataset run within float16 storage and the rounding of
+    a differently composed actor batch (a batch no longer spans two shards)."""
+    out, _ = full_run
+    summary = run(lite0_config(photo_shards, tmp_path, methods=("gbp",), shards_per_dataset=1,
+                               worker={"map_dtype": "float16"}))
+    assert summary["shards_committed"] == summary["shards"] >= 2 and summary["samples"] == len(photo_samples())
+    one = read_table(str(out), methods=["gbp"]).sort_by([("key", "ascending"), ("target", "ascending")])
+    per_shard = read_table(str(tmp_path)).sort_by([("key", "ascending"), ("target", "ascending")])
+    assert key_triples(per_shard) == key_triples(one)
+    reference = maps_of(one)
+    scale = np.abs(reference).max(axis=(1, 2))
+    spec = models.load("efficientnet_lite0", weights="imagenet")
+    atol = 2 * scale * unit_roundoff(torch.float16) + network_atol(spec.module, 1.0, passes=2) * scale
+    assert_maps_agree(maps_of(per_shard), reference, atol, what="gbp, one dataset per shard")
+
+
 def test_actor_crash_once_loses_nothing(ray_session, photo_shards, tmp_path):
     config = lite0_config(photo_shards, tmp_path / "out", methods=("saliency",), targets="top1")
     config.batch_size = 1

@@ -163,11 +163,11 @@ def compact_parts(uri: str, shard: str, files: list[str], max_bytes: int | None 
     """Merge a complete shard's staged Parquet parts (paths relative to ``uri``) into few files and return the
     shard's new staged file list (other formats, e.g. NPZ, and single parts pass through unchanged).
 
-    Parts of one kind and map layout (the part name's suffix) are concatenated in write order, at most
-    ``max_bytes`` (default COMPACT_BYTES) of input per output file, and written sorted by key in row groups of
-    ROW_GROUP_SIZE rows, like every part. Rows are never split or dropped, so a sample's rows of one method stay in
-    one file. The merged parts stay where they are until the commit deletes the shard's staging directory, so a
-    retried or failed compaction never loses a part."""
+    Parts of one kind and map layout (the part name's suffix) are merged in write order, at most ``max_bytes``
+    (default COMPACT_BYTES) of input per output file, sorted by key in row groups of ROW_GROUP_SIZE rows, like every
+    part (:func:`_merge`: streamed, so a task's memory does not grow with the shard). Rows are never split or
+    dropped, so a sample's rows of one method stay in one file. The merged parts stay where they are until the
+    commit deletes the shard's staging directory, so a retried or failed compaction never loses a part."""
     limit = COMPACT_BYTES if max_bytes is None else max_bytes
     store = OutputStore(uri)
     out, groups = _parquet_groups(files)
@@ -185,9 +185,49 @@ def compact_parts(uri: str, shard: str, files: list[str], max_bytes: int | None 
             if len(chunk) == 1:
                 out += chunk
                 continue
-            table = pa.concat_tables([pq.read_table(store.path(c), filesystem=store.fs) for c in chunk])
-            out.append(_write_parquet(store, shard, f"{kind}-{uuid.uuid4().hex}{layout}.parquet", table))
+            out.append(_merge(store, shard, f"{kind}-{uuid.uuid4().hex}{layout}.parquet", chunk))
     return out
+
+
+def _merge(store: "OutputStore", shard: str, name: str, parts: list[str]) -> str:
+    """Merge staged Parquet ``parts`` (each sorted by key) into one staged file ``name``, sorted by key in row groups
+    of ROW_GROUP_SIZE rows; returns its path. When the parts' key ranges do not overlap — the normal case: an actor
+    batch is a run of consecutive samples of its shard — the parts are streamed in key order one row group at a
+    time (memory: about two row groups, whatever the shard's size); otherwise they are read whole and sorted."""
+    files = [pq.ParquetFile(store.path(rel), filesystem=store.fs) for rel in parts]
+    ranges = [_key_range(f) for f in files]
+    order = sorted(range(len(files)), key=lambda i: ranges[i] or ("", ""))
+    if any(r is None for r in ranges) or any(ranges[a][1] > ranges[b][0] for a, b in zip(order, order[1:])):
+        table = pa.concat_tables([f.read() for f in files])
+        return _write_parquet(store, shard, name, table)
+    rel = posixpath.join("_staging", shard, name)
+    pending: pa.Table | None = None
+    with pq.ParquetWriter(store.path(rel), files[0].schema_arrow, filesystem=store.fs, compression="zstd") as writer:
+        for i in order:
+            for group in range(files[i].num_row_groups):
+                table = files[i].read_row_group(group)
+                pending = table if pending is None else pa.concat_tables([pending, table])
+                while pending.num_rows >= ROW_GROUP_SIZE:
+                    writer.write_table(pending.slice(0, ROW_GROUP_SIZE))
+                    pending = pending.slice(ROW_GROUP_SIZE)
+        if pending is not None and pending.num_rows:
+            writer.write_table(pending)
+    return rel
+
+
+def _key_range(file: pq.ParquetFile) -> tuple[str, str] | None:
+    """(first key, last key) of a part sorted by key, from its row groups' statistics; None without them."""
+    meta = file.metadata
+    columns = [j for j in range(meta.num_columns) if meta.row_group(0).column(j).path_in_schema == "key"] \
+        if meta.num_row_groups else []
+    if not columns:
+        return None
+    column = columns[0]
+    first = meta.row_group(0).column(column).statistics
+    last = meta.row_group(meta.num_row_groups - 1).column(column).statistics
+    if first is None or last is None or not (first.has_min_max and last.has_min_max):
+        return None
+    return first.min, last.max
 
 
 def _parquet_groups(files: list[str]) -> tuple[list[str], dict[tuple[str, str], list[str]]]:
