@@ -2,7 +2,7 @@
 the number of shards"; bench.scale measured +57 KB of driver RSS per committed shard at 100 shards).
 
     python -m bench.driver_memory [--shards 200,2000] [--ray-blocks 100,1000] [--out bench/results/driver_memory.json]
-                                  [--ray-chunk K] [--no-ray]
+                                  [--ray-chunk K] [--job-shards N [--job-images-per-shard 5]] [--no-ray]
 
 1. *ours*: :class:`jobs.scaffold.ShardedRun` — the driver loop of jobs.attribute / jobs.evaluate / jobs.sanity
    (commit records, manifest entries, progress) — fed one write-step summary per shard, no Ray; the Python heap it
@@ -13,6 +13,9 @@ the number of shards"; bench.scale measured +57 KB of driver RSS per committed s
    partly in its C++ core worker.) With ``--ray-chunk K`` each count above K runs again as consecutive datasets of
    K blocks, as ShardedRun runs the shards (``shards_per_dataset``): a peak that stays at the K-block level is flat.
 
+3. *job* (``--job-shards N``): ``jobs.attribute`` itself over N tiny shards (64 px, saliency), once as one dataset
+   and once as four (``--shards-per-dataset N/4``): the driver's peak RSS and its growth per committed shard.
+
 A per-shard figure that stays the same from the small count to the large one is a cost that grows linearly with the
 shards; its size says whether it matters (10,000 shards × 1 KB = 10 MB). Prints a table and writes JSON.
 """
@@ -22,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import tempfile
 import time
 import tracemalloc
@@ -109,6 +113,31 @@ def ray_per_block(blocks: int, chunk: int | None = None) -> dict:
             "rss_peak": max(peak, after), "bytes_per_block": (after - before) / blocks, "seconds": seconds}
 
 
+def job_driver(work: Path, shards: int, per_shard: int, size: int, shards_per_dataset: int) -> dict:
+    """``jobs.attribute`` (bench_resnet, random init, saliency, top-1) over ``shards`` benchmark shards of
+    ``per_shard`` ``size``-px images with ``--shards-per-dataset``, sampled by bench.scale_monitor.run_job: the
+    driver's peak RSS, its RSS growth per committed shard (bench.scale_report.driver_growth: least squares over the
+    samples), wall seconds, and every (shard, key) row checked."""
+    from bench.scale_data import prepare_shards, prepare_weights, shard_keys, verify
+    from bench.scale_monitor import run_job
+    from bench.scale_report import driver_growth
+
+    info = prepare_shards(work, shards * per_shard, shards, size)
+    weights = prepare_weights(work, "bench_resnet", size)
+    out = work / f"maps-{shards_per_dataset}"
+    shutil.rmtree(out, ignore_errors=True)
+    pattern = str(Path(info["uris"][0]).parent / f"val-{{000000..{shards - 1:06d}}}.tar")
+    result = run_job("jobs.attribute", ["--shards", pattern, "--model", "bench_resnet", "--weights", weights,
+                                        "--methods", "saliency", "--targets", "top1", "--batch-size", "32",
+                                        "--shards-per-dataset", str(shards_per_dataset), "--out", str(out)],
+                     out, work / "jobs.log")
+    check = verify(out, "attributions", shard_keys(info["uris"]), 1, ["shard", "key", "method", "target"])
+    return {"shards": shards, "per_shard": per_shard, "size": size, "shards_per_dataset": shards_per_dataset,
+            "datasets": -(-shards // shards_per_dataset), "returncode": result["returncode"],
+            "wall_seconds": result["wall_seconds"], "driver_peak_rss_bytes": result["driver_peak_rss_bytes"],
+            "driver_growth": driver_growth(result["timeline"], shards), "check": check}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (module docstring)."""
     p = argparse.ArgumentParser(prog="python -m bench.driver_memory", description=__doc__.split("\n\n")[0])
@@ -117,12 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ray-chunk", type=int, default=None,
                    help="also run each block count above this as datasets of this many blocks (ShardedRun's "
                         "shards_per_dataset)")
+    p.add_argument("--job-shards", type=int, default=0,
+                   help="also run jobs.attribute over this many tiny shards, as one dataset and as four")
+    p.add_argument("--job-images-per-shard", type=int, default=5)
+    p.add_argument("--work", type=Path, default=Path("runs/driver_memory"), help="shards and outputs of --job-shards")
     p.add_argument("--no-ray", action="store_true", help="only the ShardedRun part (seconds; the test runs this)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
     report: dict = {"ours": [ours_per_shard(int(n)) for n in a.shards.split(",")], "ray": []}
     if not a.no_ray:
-        counts = [int(n) for n in a.ray_blocks.split(",")]
+        counts = [int(n) for n in a.ray_blocks.split(",") if n.strip()]
         report["ray"] = [ray_per_block(n) for n in counts]
         if a.ray_chunk:
             report["ray"] += [ray_per_block(n, a.ray_chunk) for n in counts if n > a.ray_chunk]
@@ -134,6 +167,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "Ray Data pipeline (RSS)" + (f", by {r['chunk']}" if r["chunk"] else "")
         growth = (r["rss_peak"] - r["rss_before"]) / 2 ** 20
         print(f"{what:<36}{r['blocks']:>8}{r['bytes_per_block']:>16.0f}{growth:>13.1f} MiB{r['seconds']:>10.2f}")
+    if a.job_shards and not a.no_ray:
+        a.work.mkdir(parents=True, exist_ok=True)
+        report["job"] = [job_driver(a.work.resolve(), a.job_shards, a.job_images_per_shard, 64, k)
+                         for k in (a.job_shards, -(-a.job_shards // 4))]
+        print(f"\n{'jobs.attribute, shards':<24}{'datasets':>9}{'wall s':>8}{'driver peak MiB':>17}"
+              f"{'growth B/shard':>16}{'rows ok':>9}")
+        for r in report["job"]:
+            print(f"{r['shards']:<24}{r['datasets']:>9}{r['wall_seconds']:>8.1f}"
+                  f"{r['driver_peak_rss_bytes'] / 2 ** 20:>17.0f}"
+                  f"{r['driver_growth'].get('bytes_per_committed_shard', float('nan')):>16.0f}"
+                  f"{str(r['check'].get('ok', r['check'])):>9}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"wrote {a.out}")

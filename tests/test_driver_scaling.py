@@ -260,3 +260,19 @@ def test_shards_per_dataset_flag(tmp_path):
     with pytest.raises(SystemExit) as exc:
         parse_args(common + ["--shards-per-dataset", "0"])
     assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_driver_memory_bench_runs_the_job_as_one_and_as_four_datasets(tmp_path):
+    """bench.driver_memory --job-shards (the script cannot rot): jobs.attribute over 8 tiny shards as one dataset
+    and as four (two embedded-Ray jobs, ~1 min), every (shard, key) row once in both."""
+    from bench import driver_memory
+
+    out = tmp_path / "driver_memory.json"
+    assert driver_memory.main(["--shards", "20", "--ray-blocks", "", "--job-shards", "8", "--job-images-per-shard",
+                               "2", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    jobs = json.loads(out.read_text())["job"]
+    assert [(j["shards_per_dataset"], j["datasets"]) for j in jobs] == [(8, 1), (2, 4)]
+    for job in jobs:
+        assert job["returncode"] == 0 and job["check"]["ok"] and job["check"]["rows"] == 16
+        assert job["driver_peak_rss_bytes"] > 50 * 2 ** 20
