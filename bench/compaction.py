@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attribution.methods import REGISTRY
-from bench.tables import text_table
+from bench.tables import text_table, write_report
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from workers.batches import ipc_blob, output_schema
 import workers.sink as sink
@@ -190,9 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"{c['peak_rss_above_start_bytes'] / 2 ** 20:.0f} / {c['arrow_peak_bytes'] / 2 ** 20:.0f}"],
         ["rows / sorted / checks", f"{c['rows']} of {c['rows_expected']} / {c['sorted']} / {'ok' if c['ok'] else 'FAILED'}"],
     ]))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(f"wrote {a.out}")
+    write_report(a.out, report)
     return 0 if c["ok"] else 1
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Sequence
 
 import psutil
+
+from bench.tables import write_report
 
 DEFAULT_OUT = Path("bench/results/driver_memory.json")
 
@@ -178,9 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{r['driver_peak_rss_bytes'] / 2 ** 20:>17.0f}"
                   f"{r['driver_growth'].get('bytes_per_committed_shard', float('nan')):>16.0f}"
                   f"{str(r['check'].get('ok', r['check'])):>9}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(f"wrote {a.out}")
+    write_report(a.out, report)
     return 0
 
 

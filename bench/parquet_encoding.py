@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.tables import text_table
+from bench.tables import text_table, write_report
 from workers.sink import MAP_LEAF, ROW_GROUP_SIZE, parquet_options
 
 DEFAULT_OUT = Path("bench/results/parquet_encoding.json")
@@ -120,9 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "ours/default: bytes / write / read", "KiB/map: plain", "byte split"], rows))
     report = {"config": {"repeats": a.repeats, "copies": a.copies, "row_group_size": ROW_GROUP_SIZE},
               "machine": {"python": platform.python_version(), "pyarrow": pa.__version__}, "results": results}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(f"wrote {a.out}")
+    write_report(a.out, report)
     return 0
 
 
