@@ -35,11 +35,13 @@ from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
 from workers.sink import OutputStore, compact_on_ray
 
-# The most shards one Ray dataset runs. Ray Data keeps per-block state in the driver for the life of a dataset (measured
-# by bench/driver_memory.py: ~12-26 KB per block and operator; bench/scale.py: ~57 KB per shard for jobs.attribute's
-# four operators), so one dataset over 10,000 shards would hold ~0.5 GB; consecutive datasets of 1000 shards keep it at
-# the 1000-shard level. The price is one actor start (model load) per 1000 shards, i.e. per 100,000+ images at
-# ImageNet's shard sizes; ImageNet val (50-100 shards) runs as one dataset.
+# The most shards one Ray dataset runs. Ray Data keeps some driver memory per block (one actor batch) for as long as
+# its dataset lives (bench/driver_memory.py: ~10-13 KB per block in a no-work pipeline, 4,000 blocks: 38 MiB as one
+# dataset, 14 MiB as four; jobs.attribute over 4,000 one-image shards: +9 MB, ~3.7 KB per block; bench/scale.py's
+# 57 KB per 500-image shard is ~16 such blocks). ImageNet val (~1,600 batches) does not notice it; one dataset over
+# millions of images would hold ~115 MB per million (batch 32). Consecutive datasets of at most 1000 shards bound it;
+# each starts its actor pool anew (one model load per 1000 shards; 4 datasets of 1000 one-image shards: 159 s, one
+# dataset: 158 s; ~4-6 s per start).
 SHARDS_PER_DATASET = 1000
 
 SHARDS_HELP = "tar shards: brace patterns, globs, dirs, s3:// gs://, or comma-separated lists of those"

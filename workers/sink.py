@@ -24,6 +24,7 @@ kills a run on a local S3 server and resumes it.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
@@ -194,7 +195,13 @@ def _merge(store: "OutputStore", shard: str, name: str, parts: list[str]) -> str
     of ROW_GROUP_SIZE rows; returns its path. When the parts' key ranges do not overlap — the normal case: an actor
     batch is a run of consecutive samples of its shard — the parts are streamed in key order one row group at a
     time (memory: about two row groups, whatever the shard's size); otherwise they are read whole and sorted."""
-    files = [pq.ParquetFile(store.path(rel), filesystem=store.fs) for rel in parts]
+    with contextlib.ExitStack() as opened:  # every part is closed again (on object stores: its connection)
+        files = [opened.enter_context(pq.ParquetFile(store.path(rel), filesystem=store.fs)) for rel in parts]
+        return _merge_files(store, shard, name, files)
+
+
+def _merge_files(store: "OutputStore", shard: str, name: str, files: list[pq.ParquetFile]) -> str:
+    """:func:`_merge` on the opened parts."""
     ranges = [_key_range(f) for f in files]
     order = sorted(range(len(files)), key=lambda i: ranges[i] or ("", ""))
     if any(r is None for r in ranges) or any(ranges[a][1] > ranges[b][0] for a, b in zip(order, order[1:])):
