@@ -9,9 +9,10 @@ jobs.attribute stages one Parquet part per actor batch and map layout; at commit
 500-image shard with 16 methods x top-5 is ~4 GB in ~16 parts. This stages one such shard through the job's own
 write step (workers.sink.write_parts, from actor-output batches of ``--batch`` images x ``--methods`` x
 ``--targets`` maps of random values — attribution maps compress about as badly) and runs compact_parts on it in a
-fresh process, measuring: parts and bytes in, files and row groups out, seconds and MB/s, the process's peak RSS
-above its RSS before the merge (VmHWM, reset after the imports), and Arrow's peak allocation. Every row is checked
-afterwards (count, keys sorted, row groups of at most ROW_GROUP_SIZE rows). Prints a table and writes JSON.
+fresh process (parts of workers.sink.KEEP_BYTES and more stay as written), measuring: parts and bytes in, files
+and row groups out, seconds and MB/s, the process's peak RSS above its RSS before the merge (VmHWM, reset after
+the imports), and Arrow's peak allocation. Every row is checked afterwards (count, keys sorted, row groups of at
+most ROW_GROUP_SIZE rows). Prints a table and writes JSON.
 tests/test_compaction.py runs it at 16 px.
 """
 from __future__ import annotations
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "compact_bytes": sink.COMPACT_BYTES, "row_group_size": sink.ROW_GROUP_SIZE},
         "staged": {k: v for k, v in staged.items() if k != "files"},
         "compacted": {"files": len(merged["files"]), "seconds": round(merged["seconds"], 3),
-                      "mb_per_second": round(mb / max(merged["seconds"], 1e-9), 1),
+                      "mb_per_second": round(mb / merged["seconds"], 1) if merged["seconds"] >= 0.01 else None,
                       "peak_rss_above_start_bytes": merged["peak_rss"] - merged["rss_before"],
                       "arrow_peak_bytes": merged["arrow_peak"], **verdict},
     }
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["shard", f"{a.images} images x {a.methods} methods x {a.targets} targets, {a.size} px {a.dtype}"],
         ["staged parts / MiB / bytes per map", f"{staged['parts']} / {mb:.0f} / {staged['bytes'] / staged['rows']:.0f}"],
         ["compacted files / row groups", f"{c['files']} / {c['row_groups']}"],
-        ["compaction seconds / MiB/s", f"{c['seconds']:.2f} / {c['mb_per_second']:.0f}"],
+        ["compaction seconds / MiB/s", f"{c['seconds']:.2f} / {c['mb_per_second'] or '- (nothing merged)'}"],
         ["peak RSS above start / Arrow peak (MiB)",
          f"{c['peak_rss_above_start_bytes'] / 2 ** 20:.0f} / {c['arrow_peak_bytes'] / 2 ** 20:.0f}"],
         ["rows / sorted / checks", f"{c['rows']} of {c['rows_expected']} / {c['sorted']} / {'ok' if c['ok'] else 'FAILED'}"],

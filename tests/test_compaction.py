@@ -107,6 +107,21 @@ def test_a_size_cap_splits_and_keeps_single_parts(staged_batches, tmp_path):
     assert big[-1] in full
 
 
+def test_large_parts_stay_as_written(tmp_path):
+    """A part of at least keep_bytes passes through unmerged and splits the merge around it: the small parts before
+    it and after it are merged separately (write order kept); every row is there once."""
+    keys = [f"k{i:04d}" for i in range(18)]
+    store, files = _bench_parts(tmp_path, [keys[0:2], keys[2:4], keys[4:14], keys[14:16], keys[16:18]])
+    sizes = [Path(store.path(f)).stat().st_size for f in files]
+    assert sizes[2] > 2 * max(sizes[:2] + sizes[3:])  # 10 samples' maps against 2 (plus fixed metadata)
+    merged = compact_parts(str(tmp_path), "val-000000.tar", files, keep_bytes=sizes[2])
+    assert len(merged) == 3 and merged[1] == files[2] and not set(merged) & set(files[:2] + files[3:])
+    assert [pq.read_table(store.path(f)).column("key").to_pylist()[::10] for f in merged] == \
+        [keys[0:4], keys[4:14], keys[14:18]]  # 10 rows (2 methods x top-5) per key
+    everything = compact_parts(str(tmp_path), "val-000000.tar", files, keep_bytes=sizes[2] + 1)
+    assert len(everything) == 1 and pq.read_table(store.path(everything[0])).num_rows == 18 * 10
+
+
 def test_a_failed_compaction_commits_the_parts_as_written(staged_batches, tmp_path, capsys):
     outputs, _ = staged_batches
     store, summaries = _stage(outputs, tmp_path)

@@ -11,10 +11,11 @@ Layout of an output directory (local path or object-store URI)::
     _staging/<shard>/…                     parts of shards not yet complete
 
 Exactly once: parts are written to ``_staging``; when the driver has seen every sample of a shard written, the
-shard's parts are compacted (one Parquet file per kind and map layout, up to COMPACT_BYTES each: the write step
-makes one part per actor batch), moved into place, and then the commit record is written. A rerun trusts only
-commit records: everything of an uncommitted shard is deleted and recomputed. Parts written by a retried task that never
-reported back are never listed in a commit, so they never reach a reader. The public reader (schemas.reader:
+shard's parts are compacted (one Parquet file per kind and map layout, up to COMPACT_BYTES each, parts of KEEP_BYTES
+and more kept as they are: the write step makes one part per actor batch), moved into place, and then the commit
+record is written. A rerun trusts only commit records: everything of an uncommitted shard is deleted and recomputed.
+Parts written by a retried task that never reported back are never listed in a commit, so they never reach a
+reader. The public reader (schemas.reader:
 ``OutputReader``, ``read_table``, ``maps_of``, re-exported here) reads committed shards only; ``pandas.read_parquet``
 on ``attributions/`` or DuckDB see whole shards once a run has finished.
 
@@ -51,6 +52,11 @@ SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("shard_total", pa.int64()),
                             ("rows", pa.int64()), ("error_rows", pa.int64()), ("files", pa.string())])
 ROW_GROUP_SIZE = 256  # rows are written sorted by key in small row groups, so a key filter reads little
 COMPACT_BYTES = 512 * 1024 ** 2  # at most this much of a shard's staged parts goes into one compacted file
+# A staged part this large stays as written: it is already a good file (object stores and readers want ~100 MB+ files;
+# a key lookup prunes its sorted row groups), and merging it would rewrite it for nothing. 224-px float16 maps of 16
+# methods x top-5 make ~240 MB per 32-image actor batch: ~70 s of one core and twice the object-store traffic per
+# 500-image shard were spent on rewriting such parts (bench/compaction.py: ~50 MiB/s).
+KEEP_BYTES = 128 * 1024 ** 2
 COUNTS = ("samples", "rows", "error_rows")
 
 
@@ -160,16 +166,19 @@ class OutputStore(OutputReader):
         self.fs.move(tmp, self.path(rel))
 
 
-def compact_parts(uri: str, shard: str, files: list[str], max_bytes: int | None = None) -> list[str]:
+def compact_parts(uri: str, shard: str, files: list[str], max_bytes: int | None = None,
+                  keep_bytes: int | None = None) -> list[str]:
     """Merge a complete shard's staged Parquet parts (paths relative to ``uri``) into few files and return the
     shard's new staged file list (other formats, e.g. NPZ, and single parts pass through unchanged).
 
     Parts of one kind and map layout (the part name's suffix) are merged in write order, at most ``max_bytes``
     (default COMPACT_BYTES) of input per output file, sorted by key in row groups of ROW_GROUP_SIZE rows, like every
-    part (:func:`_merge`: streamed, so a task's memory does not grow with the shard). Rows are never split or
-    dropped, so a sample's rows of one method stay in one file. The merged parts stay where they are until the
-    commit deletes the shard's staging directory, so a retried or failed compaction never loses a part."""
+    part (:func:`_merge`: streamed, so a task's memory does not grow with the shard). A part of at least
+    ``keep_bytes`` (default KEEP_BYTES) stays as written. Rows are never split or dropped, so a sample's rows of one
+    method stay in one file. The merged parts stay where they are until the commit deletes the shard's staging
+    directory, so a retried or failed compaction never loses a part."""
     limit = COMPACT_BYTES if max_bytes is None else max_bytes
+    keep = KEEP_BYTES if keep_bytes is None else keep_bytes
     store = OutputStore(uri)
     out, groups = _parquet_groups(files)
     for (kind, layout), parts in groups.items():
@@ -179,10 +188,13 @@ def compact_parts(uri: str, shard: str, files: list[str], max_bytes: int | None 
         sizes = {rel: store.fs.get_file_info(store.path(rel)).size for rel in parts}
         chunks: list[list[str]] = [[]]
         for rel in parts:
+            if sizes[rel] >= keep:
+                chunks += [[rel], []]  # alone: passes through below
+                continue
             if chunks[-1] and sum(sizes[c] for c in chunks[-1]) + sizes[rel] > limit:
                 chunks.append([])
             chunks[-1].append(rel)
-        for chunk in chunks:
+        for chunk in [c for c in chunks if c]:
             if len(chunk) == 1:
                 out += chunk
                 continue
@@ -400,6 +412,6 @@ def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table, layou
     return rel
 
 
-__all__ = ["COMPACT_BYTES", "KINDS", "MAP_LEAF", "OutputStore", "ROW_GROUP_SIZE", "SUMMARY_SCHEMA", "StorageError",
-           "compact_on_ray", "compact_parts", "maps_of", "parquet_options", "read_table", "write_metric_parts",
-           "write_parts"]
+__all__ = ["COMPACT_BYTES", "KEEP_BYTES", "KINDS", "MAP_LEAF", "OutputStore", "ROW_GROUP_SIZE", "SUMMARY_SCHEMA",
+           "StorageError", "compact_on_ray", "compact_parts", "maps_of", "parquet_options", "read_table",
+           "write_metric_parts", "write_parts"]
