@@ -349,6 +349,6 @@ class ShardedRun:
 
 
 __all__ = ["ActorJobSettings", "MANIFEST_INTERVAL_S", "SHARDS_HELP", "SHARDS_PER_DATASET", "ShardedRun",
-           "actor_settings", "actor_stage", "add_actor_arguments", "add_model_arguments", "add_shards_argument", "check_methods",
-           "parse_method_options", "parse_methods", "read_shards", "record_failure", "require_at_least_one",
-           "run_cli", "versions"]
+           "actor_settings", "actor_stage", "add_actor_arguments", "add_model_arguments", "add_shards_argument",
+           "check_methods", "parse_method_options", "parse_methods", "read_shards", "record_failure",
+           "require_at_least_one", "run_cli", "versions"]

@@ -15,9 +15,9 @@ shard's parts are compacted (one Parquet file per kind and map layout, up to COM
 and more kept as they are: the write step makes one part per actor batch), moved into place, and then the commit
 record is written. A rerun trusts only commit records: everything of an uncommitted shard is deleted and recomputed.
 Parts written by a retried task that never reported back are never listed in a commit, so they never reach a
-reader. The public reader (schemas.reader:
-``OutputReader``, ``read_table``, ``maps_of``, re-exported here) reads committed shards only; ``pandas.read_parquet``
-on ``attributions/`` or DuckDB see whole shards once a run has finished.
+reader. The public reader (schemas.reader: ``OutputReader``, ``read_table``, ``maps_of``, re-exported here) reads
+committed shards only; ``pandas.read_parquet`` on ``attributions/`` or DuckDB see whole shards once a run has
+finished.
 
 On object stores (``s3://``, ``gs://``) a move is a copy and a delete, not atomic; the commit still is: the record
 is one object written (as a whole) after every part is in place, and only records count. tests/test_object_store.py
@@ -215,10 +215,9 @@ def _merge(store: "OutputStore", shard: str, name: str, parts: list[str]) -> str
 def _merge_files(store: "OutputStore", shard: str, name: str, files: list[pq.ParquetFile]) -> str:
     """:func:`_merge` on the opened parts."""
     ranges = [_key_range(f) for f in files]
-    order = sorted(range(len(files)), key=lambda i: ranges[i] or ("", ""))
-    if any(r is None for r in ranges) or any(ranges[a][1] > ranges[b][0] for a, b in zip(order, order[1:])):
-        table = pa.concat_tables([f.read() for f in files])
-        return _write_parquet(store, shard, name, table)
+    order = sorted(range(len(files)), key=lambda i: ranges[i]) if None not in ranges else []
+    if not order or any(ranges[a][1] > ranges[b][0] for a, b in zip(order, order[1:])):  # cannot stream: sort
+        return _write_parquet(store, shard, name, pa.concat_tables([f.read() for f in files]))
     rel = posixpath.join("_staging", shard, name)
     pending: pa.Table | None = None
     schema = files[0].schema_arrow
