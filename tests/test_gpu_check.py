@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -117,11 +115,3 @@ def test_spent_budget_skips_sections_but_writes_the_json(tmp_path):
         assert written["sections"][name]["status"] == "skipped", written["sections"][name]
         assert "time budget" in written["sections"][name]["note"]
     assert "time budget" in written["pipeline"]["skipped"] and "time budget" in written["evaluate"]["skipped"]
-
-
-def test_wrapper_is_valid_bash_that_runs_the_check_on_cuda_into_out():
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
-    syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
-    assert syntax.returncode == 0, syntax.stderr.strip()
-    script = path.read_text()
-    assert '-m bench.gpu_check --device cuda --out "$out"' in script and 'out="${OUT:-bench/results/gpu_check}"' in script
