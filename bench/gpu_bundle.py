@@ -1,6 +1,7 @@
 """The Python packages a GPU session carries to the lent device machine, as one archive (issues 13 and 17).
 
     python -m bench.gpu_bundle [--python-version 3.12] [--out .gpu_bundle] [--max-mib 48]
+    python -m bench.gpu_bundle --unpack .gpu_bundle/site.tar.xz --into DIR      (what bench/gpu_check.sh runs)
 
 The lent GPU machine (the session's ``device`` tool) has PyTorch, NumPy, pandas, pyarrow, SciPy, scikit-image,
 matplotlib, psutil and nvidia-ml-py in its ``python3`` (Python 3.12, listed in the tool library's
@@ -156,12 +157,35 @@ def build(out: Path, python_version: str, max_mib: float = DEFAULT_MAX_MIB,
     return target
 
 
+def unpack(archive: Path, dest: Path) -> list[str]:
+    """Unpack a bundle into ``dest`` (a folder for ``PYTHONPATH``) with Python's own tarfile/lzma (the device image
+    need not have the ``xz`` program); returns its ``name==version`` lines. Raises ``SystemExit`` with one line
+    naming the archive when it cannot be read."""
+    try:
+        with tarfile.open(archive) as tar:
+            try:
+                tar.extractall(dest, filter="tar")  # keeps the executables' x bits, refuses paths outside dest
+            except TypeError:  # Python without extraction filters (< 3.10.12 / 3.11.4)
+                tar.extractall(dest)
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise SystemExit(f"gpu_bundle: cannot unpack {archive}: {type(exc).__name__}: {exc}") from None
+    manifest = dest / MANIFEST
+    return manifest.read_text().split() if manifest.exists() else []
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--python-version", default="3.12", help="the device machine's CPython (KINDS.md: 3.12)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--max-mib", type=float, default=DEFAULT_MAX_MIB)
+    p.add_argument("--unpack", type=Path, metavar="ARCHIVE", help="unpack this bundle (into --into) instead")
+    p.add_argument("--into", type=Path, help="the folder --unpack fills")
     args = p.parse_args(argv)
+    if args.unpack is not None:
+        if args.into is None:
+            p.error("--unpack needs --into DIR")
+        print(f"{args.unpack}: {' '.join(unpack(args.unpack, args.into))}")
+        return args.into
     return build(args.out, args.python_version, args.max_mib)
 
 

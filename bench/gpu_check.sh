@@ -41,9 +41,9 @@ fi
 if ! "$py" -c "import ray" 2>/dev/null && [ -f "$bundle" ]; then
     site="$(mktemp -d "${TMPDIR:-/tmp}/gpu_bundle.XXXXXX")" || exit 1
     trap 'rm -rf "$site"' EXIT
-    tar -xJf "$bundle" -C "$site" || { echo "gpu_check.sh: cannot unpack $bundle" >&2; exit 1; }
+    unpacked="$("$py" -m bench.gpu_bundle --unpack "$bundle" --into "$site")" || exit 1
     export PYTHONPATH="$site:$root${PYTHONPATH:+:$PYTHONPATH}"
-    echo "gpu_check.sh: from $bundle: $(tr '\n' ' ' < "$site/packages.txt")"
+    echo "gpu_check.sh: from $unpacked"
 fi
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}" RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 if ! "$py" -c "import torch, ray, captum, pyarrow, webdataset, braceexpand, pytorch_grad_cam" 2>"$out/imports.err"; then

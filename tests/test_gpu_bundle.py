@@ -54,9 +54,16 @@ def test_wheel_unpacked_with_modes_and_without_the_dropped_paths(tmp_path):
                                    "ray/dashboard/modules/job.py"]
         assert members["ray/core/src/ray/raylet/raylet"].mode == 0o755
         assert members["ray/__init__.py"].mode == 0o644
-        archive.extractall(tmp_path / "site", filter="tar")
+    assert gpu_bundle.unpack(archive_path, tmp_path / "site") == []  # no packages.txt in this one
     assert os.access(tmp_path / "site/ray/core/src/ray/raylet/raylet", os.X_OK)
     assert (tmp_path / "site/ray/__init__.py").read_bytes() == b"x = 1\n"
+
+
+def test_unreadable_bundle_is_one_line_naming_it(tmp_path):
+    broken = tmp_path / "site.tar.xz"
+    broken.write_bytes(b"\xfd7zXZ\0" + b"not really xz" * 10)
+    with pytest.raises(SystemExit, match=r"^gpu_bundle: cannot unpack .*site\.tar\.xz: "):
+        gpu_bundle.unpack(broken, tmp_path / "site")
 
 
 def test_pins_are_this_environments_versions_and_a_missing_package_is_named():
@@ -117,7 +124,7 @@ def test_wrapper_takes_ray_from_the_bundle_when_its_python_lacks_it(tmp_path):
     done = run_wrapper(tmp_path, {"GPU_CHECK_BUNDLE": str(bundle), "PYTHONPATH": hide_ray(tmp_path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert lines[0] == f"gpu_check.sh: from {bundle}: ray==0-test ", lines[:3]
+    assert lines[0] == f"gpu_check.sh: from {bundle}: ray==0-test", lines[:3]
     assert "ray from-the-bundle" in lines[1], lines[:3]
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text())["sections"]
 
