@@ -1,6 +1,7 @@
 """Adapters that let a reference library run on our models and inputs: a model copy with one non-in-place ReLU
 per call site (Captum's guided backprop and DeepLift), the submodule of a copy, a softmax model behind TorchRay's
-sigmoid, and the ``saliency`` package's model function, pixel layout and numpy shim."""
+sigmoid, a zennit-ready copy and zennit's BatchNorm merge with a positive eps, and the ``saliency`` package's model function, pixel layout
+and numpy shim."""
 from __future__ import annotations
 
 import contextlib
@@ -63,6 +64,50 @@ def distinct_relu_copy(module: nn.Module) -> nn.Module:
             elif type(child) is nn.ReLU6:
                 setattr(parent, child_name, GuidedReLU6())
     return clone.eval()
+
+
+# BatchNorm eps in a zennit-ready copy and in a BatchNorm zennit has merged: positive, as torch 2.11's batch_norm
+# requires, and so small that var + eps == var and x / sqrt(1 + eps) == x in float32 and float64 (it is above
+# float32's smallest normal).
+ZENNIT_BN_EPS = 1e-30
+
+
+def zennit_ready_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for zennit's canonizers: activations not in place (zennit's rules hook their outputs), and
+    each BatchNorm's eps folded into its running variance (eps -> ZENNIT_BN_EPS), so that it computes the same
+    function. zennit 0.5's BatchNorm merge resets the statistics but keeps ``eps``, leaving x / sqrt(1 + eps) (~5e-6
+    per layer, ~1e-2 relative in the maps); with the eps folded in, that identity is exact. ``model`` is not
+    touched."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ref.modules():
+            if hasattr(m, "inplace"):
+                m.inplace = False
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_var += m.eps - ZENNIT_BN_EPS
+                m.eps = ZENNIT_BN_EPS
+    return ref
+
+
+@contextlib.contextmanager
+def zennit_positive_bn_eps() -> Iterator[None]:
+    """While active, a BatchNorm that zennit's merge (``MergeBatchNorm.merge_batch_norm``, run when a composite with
+    a canonizer is registered) leaves with eps <= 0 gets eps = ZENNIT_BN_EPS: zennit 1.0 sets 0, which torch 2.11's
+    batch_norm rejects. The merge itself is zennit's; the patch is removed on exit."""
+    from zennit.canonizers import MergeBatchNorm
+
+    original = MergeBatchNorm.__dict__["merge_batch_norm"]
+
+    def merge(modules, batch_norm) -> None:
+        original.__func__(modules, batch_norm)
+        if batch_norm.eps <= 0:
+            object.__setattr__(batch_norm, "eps", ZENNIT_BN_EPS)
+
+    MergeBatchNorm.merge_batch_norm = staticmethod(merge)
+    try:
+        yield
+    finally:
+        MergeBatchNorm.merge_batch_norm = original
 
 
 def same_submodule(original: nn.Module, sub: nn.Module, clone: nn.Module) -> nn.Module:

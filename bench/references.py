@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from attribution import models
 from attribution.methods.a_fmi import reference_images
 from bench.method_settings import option
 from bench.reference_adapters import (SoftmaxBehindSigmoid, distinct_relu_copy, pixel_gradient_fn, pixels_hwc,
-                                      saliency_numpy_shim, same_submodule)
+                                      saliency_numpy_shim, same_submodule, zennit_positive_bn_eps,
+                                      zennit_ready_copy)
 
 
 @dataclass
@@ -121,14 +122,7 @@ def _ref_lrp(spec, images, targets, options, n) -> list[Reference]:
     epsilon = float(option("lrp", options, "epsilon"))
     canonizer = (ResNetCanonizer if spec.name.startswith("resnet") else
                  VGGCanonizer if spec.name.startswith("vgg") else SequentialMergeBatchNorm)
-    model = copy.deepcopy(spec.module)
-    with torch.no_grad():  # as tests/test_lrp.py: non-in-place, and BatchNorm eps folded into running_var so that
-        for m in model.modules():  # zennit's merge (which keeps eps) is exact
-            if hasattr(m, "inplace"):
-                m.inplace = False
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_var += m.eps
-                m.eps = 0.0
+    model = zennit_ready_copy(spec.module)
     composite = LayerMapComposite(
         layer_map=layer_map_base(epsilon) + [(Convolution, Epsilon(epsilon)), (Linear, Epsilon(epsilon))],
         canonizers=[canonizer()])
@@ -137,7 +131,7 @@ def _ref_lrp(spec, images, targets, options, n) -> list[Reference]:
         return torch.zeros_like(out).scatter(1, targets[:, None], out.gather(1, targets[:, None]))
 
     def zennit_lrp() -> Tensor:
-        with Gradient(model, composite) as attributor:
+        with zennit_positive_bn_eps(), Gradient(model, composite) as attributor:
             _, relevance = attributor(images.clone(), seed)
         return relevance.sum(dim=1)
 

@@ -6,9 +6,11 @@ Tolerances: in float64 ours equals zennit to ≤ 1e-5 · max|ref| (observed ~3e-
 of max|map| at 224 px (zennit itself ~0.1–0.8%): ε = 1e-6 divides by near-zero pre-activations of a random
 network, so rounding differences of ~1e-7 are amplified; the float32 test only checks ≤ 1e-2 at 64 px.
 
-zennit's BatchNorm merge leaves the BatchNorm computing x/√(1 + eps) (it resets the statistics but not ``eps``),
-which changes its network by ~5e-6 per BatchNorm and its maps by up to ~1e-2 relative; the reference copies
-therefore carry running_var + eps and eps = 0 — the same function, merged exactly.
+zennit's BatchNorm merge leaves each merged BatchNorm as an identity: zennit 0.5 keeps its eps (x / sqrt(1 + eps),
+~5e-6 per BatchNorm, up to ~1e-2 relative in the maps), zennit 1.0 sets eps = 0, which torch 2.11's batch_norm
+rejects. The reference therefore runs on bench.reference_adapters.zennit_ready_copy (eps folded into running_var,
+eps = 1e-30) under zennit_positive_bn_eps (a merged eps of 0 becomes 1e-30): the same function, merged exactly, with
+either zennit on any torch.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from zennit.types import Convolution, Linear
 from attribution import models
 from attribution.errors import AttributionError
 from attribution.methods.lrp import LRPEpsilon
+from bench.reference_adapters import zennit_positive_bn_eps, zennit_ready_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SIZE = 64
@@ -39,14 +42,7 @@ OBSERVED: dict[str, float] = {}
 def zennit_lrp(model: nn.Module, name: str, images: torch.Tensor, targets: torch.Tensor,
                epsilon: float = 1e-6) -> torch.Tensor:
     """zennit's LRP-ε relevance at the input, seeded with one-hot × logit, summed over channels."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for m in ref.modules():
-            if hasattr(m, "inplace"):
-                m.inplace = False
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var += m.eps
-                m.eps = 0.0
+    ref = zennit_ready_copy(model)
     composite = LayerMapComposite(
         layer_map=layer_map_base(epsilon) + [(Convolution, Epsilon(epsilon)), (Linear, Epsilon(epsilon))],
         canonizers=[CANONIZERS[name]()])
@@ -54,7 +50,7 @@ def zennit_lrp(model: nn.Module, name: str, images: torch.Tensor, targets: torch
     def seed(out: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(out).scatter(1, targets[:, None], out.gather(1, targets[:, None]))
 
-    with Gradient(ref, composite) as attributor:
+    with zennit_positive_bn_eps(), Gradient(ref, composite) as attributor:
         _, relevance = attributor(images.clone(), seed)
     return relevance.sum(dim=1)
 
@@ -145,6 +141,37 @@ def test_lone_batchnorm_is_refused_and_cleaned_up():
     with pytest.raises(AttributionError, match="does not follow"):
         LRPEpsilon(spec).attribute(images, torch.tensor([0]))
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in net.modules())
+
+
+def test_zennit_merge_is_exact_with_a_positive_eps():
+    """The reference's BatchNorm merge (zennit_ready_copy under zennit_positive_bn_eps): the merged BatchNorm keeps a
+    positive eps (torch 2.11 rejects 0), the merged copy computes the original function exactly in float64, the patch
+    is gone afterwards, and the caller's model is untouched."""
+    from zennit.canonizers import MergeBatchNorm, SequentialMergeBatchNorm
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).double().eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.01, 0.1)
+        net[1].eps = 1e-2  # large, so that a merge losing or double-counting eps would show
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    expected = net(x)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    original = MergeBatchNorm.__dict__["merge_batch_norm"]
+    ref = zennit_ready_copy(net)
+    with zennit_positive_bn_eps():
+        handles = SequentialMergeBatchNorm().apply(ref)
+        try:
+            assert 0 < ref[1].eps <= 1e-30 and torch.equal(ref[1].running_var, torch.ones(4, dtype=torch.float64))
+            torch.testing.assert_close(ref(x), expected, rtol=1e-12, atol=1e-12)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert MergeBatchNorm.__dict__["merge_batch_norm"] is original
+    torch.testing.assert_close(ref(x), expected, rtol=1e-12, atol=1e-12)
+    assert net[1].eps == 1e-2 and net[2].inplace and not ref[2].inplace
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
 def test_zz_report(capsys):
