@@ -33,7 +33,7 @@ from jobs.common import JobError, actor_resources, ensure_ray, fail
 from schemas.storage import StorageError
 from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
-from workers.sink import OutputStore, compact_on_ray
+from workers.sink import OutputStore, compact_on_ray, compaction_slots
 
 # The most shards one Ray dataset runs. Ray Data keeps some driver memory per block (one actor batch) for as long as
 # its dataset lives (bench/driver_memory.py: ~10-13 KB per block in a no-work pipeline, 4,000 blocks: 38 MiB as one
@@ -298,7 +298,8 @@ class ShardedRun:
         try:
             summaries = itertools.chain.from_iterable(pipeline(part) for part in self.slices())
             # each complete shard's parts are compacted by a Ray task, then committed here
-            for record in self.store.commit_complete(summaries, submit=compact_on_ray):
+            for record in self.store.commit_complete(summaries, submit=compact_on_ray,
+                                                     max_running=compaction_slots()):
                 self._committed(record, noun)
         except BaseException as exc:
             record_failure(self.store, self.manifest, exc)

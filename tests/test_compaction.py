@@ -21,7 +21,8 @@ from workers.attribution_worker import AttributionWorker, WorkerConfig
 from workers.batches import ipc_tables
 from workers.decode import decode_batch
 from workers.shards import RAW_SCHEMA, read_shard
-from workers.sink import ROW_GROUP_SIZE, OutputStore, compact_on_ray, compact_parts, write_parts
+from workers.sink import (ROW_GROUP_SIZE, OutputStore, compact_on_ray, compact_parts, compaction_slots,
+                          write_parts)
 
 MODEL = "bench_resnet"
 BATCH = 3  # 8 samples -> 3 actor batches -> 3 parts per layout before compaction
@@ -135,6 +136,43 @@ def test_a_failed_compaction_commits_the_parts_as_written(staged_batches, tmp_pa
     assert len(record["files"]) == 3 * 2 + 1
     assert "compacting syn-000000.tar failed (disk full); committing its parts as written" in capsys.readouterr().err
     assert OutputReader(str(tmp_path)).read(maps="input").num_rows == 7 * 2 * 5
+
+
+@pytest.mark.parametrize("max_running, expected_peak", [(None, 4), (2, 2)])
+def test_compactions_in_flight_are_bounded(tmp_path, max_running, expected_peak):
+    """commit_complete keeps at most max_running compactions in flight (the oldest is committed before the next is
+    submitted) and still commits every shard once; without a bound all 4 complete shards' compactions run at once."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = OutputStore(str(tmp_path))
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def compaction(files):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.5)  # far longer than submitting 4 futures takes
+        with lock:
+            running[0] -= 1
+        return files
+
+    summaries = [{"shard": f"s{i}.tar", "shard_total": 1, "samples": 1, "rows": 5, "error_rows": 0, "files": "[]"}
+                 for i in range(4)]
+    with ThreadPoolExecutor(8) as pool:
+        records = list(store.commit_complete(summaries, submit=lambda uri, shard, files: pool.submit(compaction, files),
+                                             max_running=max_running))
+    assert peak[0] == expected_peak
+    assert sorted(r["shard"] for r in records) == [f"s{i}.tar" for i in range(4)]
+    assert sorted(p.name for p in Path(tmp_path, "_commits").iterdir()) == [f"s{i}.tar.json" for i in range(4)]
+
+
+def test_compaction_slots_follow_the_cluster(ray_session):
+    """Half the connected cluster's CPUs, at least 2."""
+    import ray
+
+    assert compaction_slots() == max(2, int(ray.cluster_resources()["CPU"]) // 2)
 
 
 def test_reset_shards_deletes_leftovers_of_the_named_shards_only(staged_batches, tmp_path):

@@ -119,7 +119,8 @@ class OutputStore(OutputReader):
         return record
 
     def commit_complete(self, summaries: Iterable[dict[str, Any]],
-                        submit: Callable[[str, str, list[str]], Future] | None = None) -> Iterator[dict]:
+                        submit: Callable[[str, str, list[str]], Future] | None = None,
+                        max_running: int | None = None) -> Iterator[dict]:
         """The driver's side of exactly-once: consume write-step summaries (SUMMARY_SCHEMA rows, in any order and
         split) and commit each shard once all its samples are written; yields each commit record (``shard``,
         ``files``, ``samples``, ``rows``, ``error_rows``) right after it is written.
@@ -128,7 +129,10 @@ class OutputStore(OutputReader):
         Parquet files per shard and kind). ``submit(uri, shard, files)`` runs that elsewhere and returns a
         Future of the compacted file list (jobs submit a Ray task, so the driver only moves files); None:
         compact here. A shard is committed when its compaction is done; the ones still running when the
-        summaries end are waited for, in order. A failed compaction commits the parts as they were written."""
+        summaries end are waited for, in order. At most ``max_running`` (None: no limit) compactions are in flight:
+        before submitting another, the oldest is waited for and committed (the summaries wait meanwhile, which
+        holds back the pipeline: back-pressure, not a queue). A failed compaction commits the parts as they were
+        written."""
         seen: dict[str, dict] = {}
         running: dict[str, tuple[Future, dict]] = {}
         for part in summaries:
@@ -142,6 +146,9 @@ class OutputStore(OutputReader):
                     yield self.commit(shard, compact_parts(self.uri, shard, state["files"]),
                                       {k: state[k] for k in COUNTS})
                 else:
+                    while max_running is not None and len(running) >= max(1, max_running):
+                        oldest = next(iter(running))
+                        yield self._commit_compacted(oldest, *running.pop(oldest))
                     running[shard] = (submit(self.uri, shard, state["files"]), state)
             for done in [name for name, (future, _) in running.items() if future.done()]:
                 yield self._commit_compacted(done, *running.pop(done))
@@ -285,6 +292,17 @@ def compact_on_ray(uri: str, shard: str, files: list[str]) -> Future:
     return _REMOTE_COMPACT.remote(uri, shard, files).future()
 
 
+def compaction_slots() -> int:
+    """How many :func:`compact_on_ray` tasks a driver keeps in flight: half the connected Ray cluster's CPUs, at
+    least 2 (2 without Ray). The tasks take 0 CPUs so that a commit never waits for a CPU the pipeline holds, so
+    nothing else bounds them: every running one is a Ray worker process of its own (~200 MiB) decoding and encoding
+    a shard's maps next to the pipeline's own CPU work."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    return max(2, int(cpus) // 2)
+
+
 def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...]) -> pa.Table:
     """Ray Data step of jobs.attribute: stage a batch of AttributionWorker rows (workers.batches.output_schema: one
     per actor batch and shard, with IPC blobs ``attributions`` and ``errors``), grouped by shard: one Parquet
@@ -419,5 +437,5 @@ def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table, layou
 
 
 __all__ = ["COMPACT_BYTES", "KEEP_BYTES", "KINDS", "MAP_LEAF", "OutputStore", "ROW_GROUP_SIZE", "SUMMARY_SCHEMA",
-           "StorageError", "compact_on_ray", "compact_parts", "maps_of", "parquet_options", "read_table",
-           "write_metric_parts", "write_parts"]
+           "StorageError", "compact_on_ray", "compact_parts", "compaction_slots", "maps_of", "parquet_options",
+           "read_table", "write_metric_parts", "write_parts"]
