@@ -69,7 +69,8 @@ from bench.method_settings import CORE_METHODS, DEFAULT_SETTING, method_setting
 from bench.methods_report import disturbed_runs, format_options, notes, summary, table
 from bench.provenance import device_name, git_commit, versions
 from bench.references import agreement, reference_fns
-from bench.timing import interleaved, per_image_stats, retain_freed_memory
+from bench.timing import interleaved, per_image_stats
+from workers.device import retain_freed_memory
 
 DEFAULT_OUT = Path("bench/results/methods.json")
 

@@ -68,21 +68,6 @@ def wait_until_quiet(meter: ForeignLoad, max_foreign: float, budget_s: float) ->
             return
 
 
-def retain_freed_memory() -> bool:
-    """Ask glibc malloc to keep freed memory instead of returning it to the OS (mallopt: mmap threshold 1 GiB,
-    no trimming). PyTorch's CPU allocator does not cache, so by default every large tensor is a fresh mmap whose
-    pages fault in one by one: on a small VM that page-fault (system) time is a large, noisy share of each
-    backward pass. Returns False where this is not glibc."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1)
-                    and libc.mallopt(m_top_pad, 1 << 28))
-    except (OSError, AttributeError):
-        return False
-
-
 def _own_cpu_s() -> float:
     """CPU seconds (user + system) this process and its waited-for children used so far."""
     t = os.times()
