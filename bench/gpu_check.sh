@@ -10,9 +10,10 @@
 #   device run: command "bench/gpu_check.sh", carry [".gpu_bundle"], timeout_s 420
 #
 # Writes $OUT/gpu_check.json (rewritten after every section, so a kill keeps what was measured),
-# $OUT/gpu_check.log (the printed tables), $OUT/metrics_road.json and $OUT/metrics_road.log. The check keeps to
-# --budget-s (default 240 s) by skipping what is left; GPU_CHECK_TIMEOUT_S (default 290) is its hard stop
-# (SIGINT, the JSON is written, then the exit); the ROAD step has GPU_CHECK_ROAD_TIMEOUT_S (default 75; 0 skips
+# $OUT/gpu_check.log (the printed tables), $OUT/ray_data_operators.json and .log (per Ray Data operator of the
+# pipeline sections: task times, back-pressure, USS; bench.ray_data_log), $OUT/metrics_road.json and .log.
+# The check keeps to --budget-s (default 240 s) by skipping what is left; GPU_CHECK_TIMEOUT_S (default 290) is its
+# hard stop (SIGINT, the JSON is written, then the exit); the ROAD step has GPU_CHECK_ROAD_TIMEOUT_S (default 75; 0 skips
 # it; GPU_CHECK_ROAD_ARGS adds bench.metrics arguments). Both run on GPU_CHECK_DEVICE (default cuda; `cpu` with
 # --tiny is the dry run of tests/test_gpu_bundle.py). GPU_CHECK_BUNDLE: another bundle than .gpu_bundle/site.tar.xz.
 # Python: $GPU_CHECK_PYTHON if set, else make test's .venv/bin/python, else (with a bundle) python3; where none of
@@ -56,6 +57,9 @@ rm -f "$out/imports.err"
 timeout -s INT -k 20 "${GPU_CHECK_TIMEOUT_S:-290}" \
     "$py" -m bench.gpu_check --device "$device" --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log"
 rc=${PIPESTATUS[0]}
+# where the pipeline sections' time went, per Ray Data operator (read from Ray Data's own log; never fails the run)
+timeout -k 5 30 "$py" -m bench.ray_data_log --from-log "$out/gpu_check.log" --out "$out/ray_data_operators.json" 2>&1 \
+    | tee "$out/ray_data_operators.log"
 road_timeout="${GPU_CHECK_ROAD_TIMEOUT_S:-75}"
 if [ "$road_timeout" != 0 ]; then
     timeout -s INT -k 10 "$road_timeout" \

@@ -101,6 +101,8 @@ def test_wrapper_runs_the_check_into_out(tmp_path):
     assert report["environment"]["device"] == "cpu"
     assert {s["status"] for s in report["sections"].values()} == {"skipped"}  # --budget-s 0
     assert "gpu_check: " in (tmp_path / "out" / "gpu_check.log").read_text()
+    operators = json.loads((tmp_path / "out" / "ray_data_operators.json").read_text())
+    assert operators == {"log": None, "operators": []}  # no pipeline ran: none read, and no stale session's
 
 
 def hide_ray(tmp_path: Path) -> str:

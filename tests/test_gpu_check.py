@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,50 @@ def test_spent_budget_skips_sections_but_writes_the_json(tmp_path):
         assert written["sections"][name]["status"] == "skipped", written["sections"][name]
         assert "time budget" in written["sections"][name]["note"]
     assert "time budget" in written["pipeline"]["skipped"] and "time budget" in written["evaluate"]["skipped"]
+
+
+def test_ray_data_log_of_the_pipeline_sections(tiny, tmp_path):
+    """bench.ray_data_log on the Ray Data log this session's pipeline and evaluate sections just wrote (the folder
+    named as the run prints it): every operator after the input, with its tasks and their times."""
+    import ray
+
+    from bench import ray_data_log
+
+    folder = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "ray-data"
+    run_log = tmp_path / "run.log"
+    run_log.write_text(f"… INFO streaming_executor.py:215 -- Starting execution … Full logs are in {folder}\n")
+    assert ray_data_log.main(["--from-log", str(run_log), "--out", str(tmp_path / "ops.json")]) == 0
+    rows = json.loads((tmp_path / "ops.json").read_text())["operators"]
+    names = {r["operator"] for r in rows}
+    for stage in ("ReadWebDatasetShards", "MapBatches(decode_batch)", "MapBatches(ProbeWorker)",
+                  "MapBatches(write_parts)", "MapBatches(EvaluateWorker)", "MapBatches(write_metric_parts)"):
+        assert any(stage in name for name in names), (stage, names)
+    assert not any(name.startswith("InputDataBuffer") for name in names)
+    workers = [r for r in rows if "ProbeWorker" in r["operator"]]  # this session's gpu_check runs
+    assert all(w["tasks"] >= 1 and 0 < w["task_mean_s"] <= w["task_max_s"] and w["max_uss_bytes"] > 2 ** 20
+               for w in workers)
+    assert tiny["pipeline"]["images"] in [w["rows_in"] for w in workers]
+
+
+def test_ray_data_log_fields_from_a_logged_line(tmp_path):
+    """The fields are picked out of Ray 2.60's logged repr, object reprs and all (values from a real log)."""
+    from bench.ray_data_log import operator_metrics
+
+    log = tmp_path / "ray-data.log"
+    log.write_text(
+        "2026-12-03 13:49:34,017\tINFO streaming_executor.py:216 -- Execution plan of Dataset ds_7: "
+        "InputDataBuffer[Input] -> ActorPoolMapOperator[MapBatches(W)]\n"
+        "2026-12-03 13:49:42,157\tDEBUG streaming_executor.py:589 -- Operator ActorPoolMapOperator[MapBatches(W)] "
+        "completed. Operator Metrics:\n"
+        "{'average_task_scheduling_time_s': 0.1354205075022037, 'average_task_output_backpressure_time_s': 0.0, "
+        "'average_task_block_gen_and_ser_time_s': 0.12062187424817239, 'op_task_duration_stats': {'num_samples': 4, "
+        "'mean': 0.27864404449974245, 'variance': 0.0148, 'min': 0.193, 'max': 0.457761601999664, 'p25': None}, "
+        "'max_uss_bytes': {'num_samples': 4, 'mean': 491503616.0, 'max': 492085248, 'p99': None}, "
+        "'num_row_inputs_received': 32, 'task_completion_time': (samples: 4, avg: 0.28), "
+        "'bytes_task_outputs_generated': 4076716, 'cpu_usage': 0}\n")
+    (row,) = operator_metrics(log)
+    assert row == {"dataset": "ds_7", "operator": "ActorPoolMapOperator[MapBatches(W)]", "tasks": 4.0,
+                   "task_mean_s": 0.27864404449974245, "task_max_s": 0.457761601999664,
+                   "scheduling_mean_s": 0.1354205075022037, "backpressure_mean_s": 0.0,
+                   "block_gen_mean_s": 0.12062187424817239, "rows_in": 32.0, "bytes_out": 4076716.0,
+                   "max_uss_bytes": 492085248.0}
