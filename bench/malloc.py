@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--images", str(a.images), "--calls", str(a.calls)]
         done = subprocess.run(args, env={**os.environ, "XAI_MALLOC": mode}, capture_output=True, text=True)
         if done.returncode:
-            raise SystemExit(f"bench.malloc: the {mode} child failed: {done.stderr.strip().splitlines()[-1:]}")
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"bench.malloc: the {mode} child failed (exit {done.returncode}): {last}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     sizes = results["system"]["batch_sizes"]
     rows = [[mode] + [f"{r['cpu_s_per_image_by_batch'][str(n)]:.3f}" for n in sizes]
