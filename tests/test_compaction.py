@@ -138,8 +138,8 @@ def test_a_failed_compaction_commits_the_parts_as_written(staged_batches, tmp_pa
     assert OutputReader(str(tmp_path)).read(maps="input").num_rows == 7 * 2 * 5
 
 
-@pytest.mark.parametrize("max_running, expected_peak", [(None, 4), (2, 2)])
-def test_compactions_in_flight_are_bounded(tmp_path, max_running, expected_peak):
+@pytest.mark.parametrize("max_running", [None, 2])
+def test_compactions_in_flight_are_bounded(tmp_path, max_running):
     """commit_complete keeps at most max_running compactions in flight (the oldest is committed before the next is
     submitted) and still commits every shard once; without a bound all 4 complete shards' compactions run at once."""
     import threading
@@ -163,7 +163,8 @@ def test_compactions_in_flight_are_bounded(tmp_path, max_running, expected_peak)
     with ThreadPoolExecutor(8) as pool:
         records = list(store.commit_complete(summaries, submit=lambda uri, shard, files: pool.submit(compaction, files),
                                              max_running=max_running))
-    assert peak[0] == expected_peak
+    # unbounded: all 4 at once (>= 3 allows one late thread on a loaded machine)
+    assert peak[0] >= 3 if max_running is None else peak[0] <= max_running
     assert sorted(r["shard"] for r in records) == [f"s{i}.tar" for i in range(4)]
     assert sorted(p.name for p in Path(tmp_path, "_commits").iterdir()) == [f"s{i}.tar.json" for i in range(4)]
 
