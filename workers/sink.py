@@ -295,8 +295,8 @@ def compact_on_ray(uri: str, shard: str, files: list[str]) -> Future:
 def compaction_slots() -> int:
     """How many :func:`compact_on_ray` tasks a driver keeps in flight: half the connected Ray cluster's CPUs, at
     least 2 (2 without Ray). The tasks take 0 CPUs so that a commit never waits for a CPU the pipeline holds, so
-    nothing else bounds them: every running one is a Ray worker process of its own (~200 MiB) decoding and encoding
-    a shard's maps next to the pipeline's own CPU work."""
+    nothing else bounds them: every running one is a Ray worker process of its own (a Ray Data task process here:
+    110-160 MiB USS, bench.ray_data_log) decoding and encoding a shard's maps next to the pipeline's own CPU work."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
