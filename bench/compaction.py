@@ -7,7 +7,7 @@ jobs.attribute stages one Parquet part per actor batch and map layout; at commit
 (workers.sink.compact_parts) merges a complete shard's parts into few files. bench/scale.py runs at 64 px, where a
 500-image shard is one part and nothing is merged; the real run is 224-px float16 maps, ~100 KB each, so a
 500-image shard with 16 methods x top-5 is ~4 GB in ~16 parts. This stages one such shard through the job's own
-write step (workers.sink.write_parts, from actor-output batches of ``--batch`` images x ``--methods`` x
+write step (workers.staging.write_parts, from actor-output batches of ``--batch`` images x ``--methods`` x
 ``--targets`` maps of random values — attribution maps compress about as badly) and runs compact_parts on it in a
 fresh process (parts of workers.sink.KEEP_BYTES and more stay as written), measuring: parts and bytes in, files
 and row groups out, seconds and MB/s, the process's peak RSS above its RSS before the merge (VmHWM, reset after
@@ -36,7 +36,8 @@ from bench.tables import text_table, write_report
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from workers.batches import ipc_blob, output_schema
 import workers.sink as sink
-from workers.sink import OutputStore, write_parts
+from workers.sink import OutputStore
+from workers.staging import write_parts
 
 DEFAULT_OUT = Path("bench/results/compaction.json")
 SHARD = "val-000000.tar"

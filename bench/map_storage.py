@@ -33,7 +33,8 @@ from schemas.reader import OutputReader, maps_of
 from workers.attribution_worker import encode_maps
 from workers.batches import ipc_blob, output_schema
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
-from workers.sink import OutputStore, write_parts
+from workers.sink import OutputStore
+from workers.staging import write_parts
 
 METHODS = ["saliency", "gbp", "gradcam", "tr_gbp", "a_fmi"]
 COARSE = ("gradcam", "a_fmi")  # upsampled from the last conv layer's 7x7 (224 px) / 4x4 (112 px) grid

@@ -65,7 +65,7 @@ def stages(rows: list[dict], weights: str | None, model: str, method: str, targe
     from workers.attribution_worker import AttributionWorker, WorkerConfig
     from workers.decode import decode_batch
     from workers.shards import RAW_SCHEMA
-    from workers.sink import write_parts
+    from workers.staging import write_parts
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

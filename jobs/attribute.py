@@ -22,7 +22,7 @@ from jobs.scaffold import (ActorJobSettings, ShardedRun, actor_settings, actor_s
                            parse_methods, read_shards, require_at_least_one, run_cli)
 from schemas.maps import MAP_DTYPES
 from workers.attribution_worker import TARGET_KINDS, AttributionWorker, WorkerConfig
-from workers.sink import write_parts
+from workers.staging import write_parts
 
 FORMATS = {"parquet": ("parquet",), "npz": ("npz",), "both": ("parquet", "npz")}
 

@@ -37,7 +37,7 @@ from schemas.storage import StorageError
 from workers.evaluate_worker import METRICS, MODEL_METRICS, EvaluateConfig, EvaluateWorker
 from workers.map_metrics import MapMetricsConfig, ShardMapMetrics
 from workers.shards import shard_name
-from workers.sink import write_metric_parts
+from workers.staging import write_metric_parts
 
 DATASET_METRICS = ("fmi",)
 ALL_METRICS = METRICS + DATASET_METRICS

@@ -21,8 +21,8 @@ from workers.attribution_worker import AttributionWorker, WorkerConfig
 from workers.batches import ipc_tables
 from workers.decode import decode_batch
 from workers.shards import RAW_SCHEMA, read_shard
-from workers.sink import (ROW_GROUP_SIZE, OutputStore, compact_on_ray, compact_parts, compaction_slots,
-                          write_parts)
+from workers.sink import ROW_GROUP_SIZE, OutputStore, compact_on_ray, compact_parts, compaction_slots
+from workers.staging import write_parts
 
 MODEL = "bench_resnet"
 BATCH = 3  # 8 samples -> 3 actor batches -> 3 parts per layout before compaction
@@ -240,6 +240,38 @@ def test_consecutive_parts_are_streamed_row_group_by_row_group(tmp_path, monkeyp
     assert result.schema_arrow.equals(pq.read_schema(store.path(files[0])), check_metadata=True)
     monkeypatch.undo()
     assert pq.read_table(store.path(merged)).equals(expected)
+
+
+@pytest.mark.parametrize("order", ["in key order", "reversed"])
+def test_write_step_sorts_by_key_keeping_each_keys_rows_in_order(tmp_path, order):
+    """A staged part is sorted by key and each key's rows keep the actor's (method, target) order: an actor batch in
+    key order is written as it came (the sort skipped), a reversed one is reordered by a stable sort."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from bench.compaction import batch_table
+
+    keys = [f"k{i:04d}" for i in range(6)]
+    batch = batch_table(keys if order == "in key order" else keys[::-1], 2, 5, 16, "float16", np.random.default_rng(4))
+    (rows,) = ipc_tables(batch.column("attributions")[0].as_py())
+    (summary,) = write_parts(batch, str(tmp_path), ("parquet",)).to_pylist()
+    (part,) = json.loads(summary["files"])
+    staged = pq.read_table(Path(tmp_path, part))
+    by_key = {k: rows.filter(pc.equal(rows["key"], k)) for k in keys}
+    assert staged.equals(pa.concat_tables([by_key[k] for k in keys]).replace_schema_metadata(staged.schema.metadata))
+
+
+def test_blob_views_are_the_values_without_a_copy():
+    """The write step's view of a binary column: every value (nulls, empty values, sliced and several chunks), each a
+    slice of the column's own data buffer."""
+    from workers.staging import _blob_views
+
+    first = pa.array([b"abc", None, b"", b"xyz12"], pa.binary()).slice(1)
+    column = pa.chunked_array([first, pa.array([b"q"], pa.binary())])
+    views = _blob_views(column)
+    assert [None if v is None else v.to_pybytes() for v in views] == [None, b"", b"xyz12", b"q"]
+    data = first.buffers()[2]
+    assert data.address <= views[2].address < data.address + data.size
 
 
 def test_overlapping_parts_are_sorted_in_memory(tmp_path):

@@ -30,7 +30,8 @@ from schemas.reader import OutputReader, maps_of
 from workers.attribution_worker import AttributionWorker, WorkerConfig
 from workers.decode import decode_batch
 from workers.shards import RAW_SCHEMA, read_shard
-from workers.sink import OutputStore, write_parts
+from workers.sink import OutputStore
+from workers.staging import write_parts
 from tests.tolerances import gamma, sum_atol, unit_roundoff
 
 REPO = Path(__file__).resolve().parents[1]

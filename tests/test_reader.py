@@ -23,7 +23,8 @@ from schemas.reader import OutputReader, maps_of, read_table
 from workers.attribution_worker import AttributionWorker, WorkerConfig
 from workers.decode import decode_batch
 from workers.shards import RAW_SCHEMA, read_shard
-from workers.sink import OutputStore, write_parts
+from workers.sink import OutputStore
+from workers.staging import write_parts
 from tests import test_object_store
 
 REPO = Path(__file__).resolve().parents[1]

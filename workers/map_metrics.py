@@ -145,7 +145,7 @@ class ShardMapMetrics:
     """Ray Data callable: rows ``shard`` (shard names of the attribution run) in; one row per shard out
     (workers.batches.output_schema: ``shard``, ``shard_total`` = ``samples`` = the samples with maps in the shard,
     ``keys`` in key order, and the IPC blobs ``metrics`` (METRIC_SCHEMA rows) and ``errors`` (METRIC_ERROR_SCHEMA
-    rows)), the format ``workers.sink.write_metric_parts`` stages. A sample whose metrics fail gets one error row;
+    rows)), the format ``workers.staging.write_metric_parts`` stages. A sample whose metrics fail gets one error row;
     the others are kept."""
 
     def __init__(self, config: MapMetricsConfig) -> None:

@@ -1,4 +1,5 @@
-"""Where results go: the output layout, the part writer (a Ray Data map_batches step) and per-shard commits.
+"""Where results go: the output layout, staged Parquet parts, their compaction and per-shard commits (the write
+steps that stage an actor's rows, Ray Data map_batches steps, are in workers.staging).
 
 Layout of an output directory (local path or object-store URI)::
 
@@ -26,7 +27,6 @@ kills a run on a local S3 server and resumes it.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import posixpath
 import sys
@@ -34,17 +34,13 @@ import uuid
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from schemas.attributions import ERROR_SCHEMA, validate_attributions, validate_errors
-from schemas.maps import MapLayout, map_field_layout
-from schemas.metrics import METRIC_ERROR_SCHEMA, validate_metric_errors, validate_metrics
 from schemas.reader import COMMITS, OutputReader, maps_of, read_table
 from schemas.storage import StorageError, first_line
-from workers.batches import ipc_tables
 
 KINDS = ("attributions", "errors", "npz", "metrics")
 # One row per (batch, shard) from a write step: what the driver needs to commit a shard once all its samples are in.
@@ -224,7 +220,7 @@ def _merge_files(store: "OutputStore", shard: str, name: str, files: list[pq.Par
     ranges = [_key_range(f) for f in files]
     order = sorted(range(len(files)), key=lambda i: ranges[i]) if None not in ranges else []
     if not order or any(ranges[a][1] > ranges[b][0] for a, b in zip(order, order[1:])):  # cannot stream: sort
-        return _write_parquet(store, shard, name, pa.concat_tables([f.read() for f in files]))
+        return write_staged_parquet(store, shard, name, pa.concat_tables([f.read() for f in files]))
     rel = posixpath.join("_staging", shard, name)
     pending: pa.Table | None = None
     schema = files[0].schema_arrow
@@ -303,75 +299,6 @@ def compaction_slots() -> int:
     return max(2, int(cpus) // 2)
 
 
-def write_parts(batch: pa.Table, uri: str, formats: tuple[str, ...]) -> pa.Table:
-    """Ray Data step of jobs.attribute: stage a batch of AttributionWorker rows (workers.batches.output_schema: one
-    per actor batch and shard, with IPC blobs ``attributions`` and ``errors``), grouped by shard: one Parquet
-    (and/or NPZ) part per shard and map layout (schemas.maps). Returns one SUMMARY_SCHEMA row per shard in the
-    batch."""
-    def write(store: OutputStore, shard: str, part: str, groups: list[pa.Table]) -> list[str]:
-        staged = []
-        for g, rows in enumerate(groups):
-            layout = map_field_layout(rows.schema.field("map"))
-            validate_attributions(rows, layout.size, layout.dtype)
-            name = part if len(groups) == 1 else f"{part}-{layout.size}{layout.dtype}"
-            if "parquet" in formats:
-                staged.append(_write_parquet(store, shard, f"attributions-{name}.parquet", rows))
-            if "npz" in formats:
-                staged.append(_write_npz(store, shard, f"npz-{name}.npz", rows, layout))
-        return staged
-
-    return _stage(batch, uri, "attributions", write, ERROR_SCHEMA, validate_errors)
-
-
-def write_metric_parts(batch: pa.Table, uri: str) -> pa.Table:
-    """Ray Data step of jobs.evaluate: stage a batch of EvaluateWorker / ShardMapMetrics rows
-    (workers.batches.output_schema, with IPC blobs ``metrics`` and ``errors``), grouped by shard. Returns one
-    SUMMARY_SCHEMA row per shard in the batch."""
-    def write(store: OutputStore, shard: str, part: str, groups: list[pa.Table]) -> list[str]:
-        for rows in groups:
-            validate_metrics(rows)
-        return [_write_parquet(store, shard, f"metrics-{part}.parquet", pa.concat_tables(groups))]
-
-    return _stage(batch, uri, "metrics", write, METRIC_ERROR_SCHEMA, validate_metric_errors)
-
-
-def _stage(batch: pa.Table, uri: str, kind: str,
-           write: Callable[["OutputStore", str, str, list[pa.Table]], list[str]], error_schema: pa.Schema,
-           validate_error_rows: Callable[[pa.Table], None]) -> pa.Table:
-    """Concatenate each shard's result rows (blob column ``kind``; one table per schema) and error rows,
-    validate, write to staging."""
-    store = OutputStore(uri)
-    shards = batch.column("shard").to_pylist()
-    totals = dict(zip(shards, batch.column("shard_total").to_pylist()))
-    samples = batch.column("samples").to_pylist()
-    blobs = {column: batch.column(column).to_pylist() for column in (kind, "errors")}
-    summaries = []
-    for shard in sorted(set(shards)):
-        idx = [i for i, s in enumerate(shards) if s == shard]
-        groups = _concat_by_schema([blobs[kind][i] for i in idx])
-        errors = _concat_by_schema([blobs["errors"][i] for i in idx]) or [error_schema.empty_table()]
-        errors = errors[0] if len(errors) == 1 else pa.concat_tables(errors)
-        validate_error_rows(errors)
-        part = uuid.uuid4().hex
-        staged = write(store, shard, part, groups) if groups else []
-        if errors.num_rows:
-            staged.append(_write_parquet(store, shard, f"errors-{part}.parquet", errors))
-        summaries.append({"shard": shard, "shard_total": totals[shard], "samples": sum(samples[i] for i in idx),
-                          "rows": sum(g.num_rows for g in groups), "error_rows": errors.num_rows,
-                          "files": json.dumps(staged)})
-    return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
-
-
-def _concat_by_schema(blobs: Iterable[bytes]) -> list[pa.Table]:
-    """The non-empty rows of the blobs' IPC streams, one table per schema (first-seen order)."""
-    groups: dict[pa.Schema, list[pa.Table]] = {}
-    for blob in blobs:
-        for table in ipc_tables(blob) if blob else []:
-            if table.num_rows:
-                groups.setdefault(table.schema, []).append(table)
-    return [tables[0] if len(tables) == 1 else pa.concat_tables(tables) for tables in groups.values()]
-
-
 MAP_LEAF = "map.list.element"  # the Parquet column of a map's values (pyarrow's compliant nested-type names)
 
 
@@ -407,35 +334,24 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     return options
 
 
-def _write_parquet(store: OutputStore, shard: str, name: str, table: pa.Table) -> str:
+def write_staged_parquet(store: OutputStore, shard: str, name: str, table: pa.Table) -> str:
+    """Write ``table`` as the staged Parquet part ``_staging/<shard>/<name>`` (sorted by key unless it is already,
+    row groups of ROW_GROUP_SIZE, :func:`parquet_options`); returns that path relative to the store's root."""
     rel = posixpath.join("_staging", shard, name)
     store.fs.create_dir(store.path("_staging", shard), recursive=True)
-    if "key" in table.column_names and table.num_rows > 1:
-        table = table.sort_by("key")
+    if "key" in table.column_names and table.num_rows > 1 and not _sorted(table.column("key")):
+        table = table.sort_by("key")  # a stable sort: rows of one key keep their order
     pq.write_table(table, store.path(rel), filesystem=store.fs, row_group_size=ROW_GROUP_SIZE,
                    **parquet_options(table.schema))
     return rel
 
 
-def _write_npz(store: OutputStore, shard: str, name: str, table: pa.Table, layout: MapLayout) -> str:
-    """NPZ part: ``map`` [N, S, S] as stored, ``map_scale``, index arrays, and ``map_dtype`` / ``input_size``
-    (schemas.maps.decode_maps turns map + map_scale into the methods' values)."""
-    rel = posixpath.join("_staging", shard, name)
-    store.fs.create_dir(store.path("_staging", shard), recursive=True)
-    buffer = io.BytesIO()
-    arrays = {"map": table.column("map").combine_chunks().to_numpy_ndarray()}
-    if layout.size != layout.input_size or layout.levels:  # default-layout parts stay as they were
-        arrays.update(map_dtype=np.array(layout.dtype), input_size=np.array(layout.input_size))
-    for column in ("map_scale", "target", "target_rank", "label"):
-        arrays[column] = table.column(column).to_numpy()
-    for column in ("key", "shard", "model", "method"):
-        arrays[column] = np.asarray(table.column(column).to_pylist(), dtype=str)
-    np.savez_compressed(buffer, **arrays)
-    with store.fs.open_output_stream(store.path(rel)) as f:
-        f.write(buffer.getvalue())
-    return rel
+def _sorted(keys: pa.ChunkedArray) -> bool:
+    """Whether ``keys`` are in ascending order already (the actor emits a batch's rows key by key, so the sort, a copy
+    of every map, is then skipped)."""
+    return bool(pc.all(pc.less_equal(keys[:-1], keys[1:])).as_py())
 
 
-__all__ = ["COMPACT_BYTES", "KEEP_BYTES", "KINDS", "MAP_LEAF", "OutputStore", "ROW_GROUP_SIZE", "SUMMARY_SCHEMA",
-           "StorageError", "compact_on_ray", "compact_parts", "compaction_slots", "maps_of", "parquet_options",
-           "read_table", "write_metric_parts", "write_parts"]
+__all__ = ["COMPACT_BYTES", "COUNTS", "KEEP_BYTES", "KINDS", "MAP_LEAF", "OutputStore", "ROW_GROUP_SIZE",
+           "SUMMARY_SCHEMA", "StorageError", "compact_on_ray", "compact_parts", "compaction_slots", "maps_of",
+           "parquet_options", "read_table", "write_staged_parquet"]
