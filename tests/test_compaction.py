@@ -274,6 +274,21 @@ def test_blob_views_are_the_values_without_a_copy():
     assert data.address <= views[2].address < data.address + data.size
 
 
+def test_actor_output_blobs_are_arrow_buffers_read_back_whole():
+    """The actor's map blobs (workers.batches.ipc_buffer -> binary_chunks): several IPC streams in one value, an empty
+    value, each chunk's data the stream's own buffer (not a copy), and the write step's views read them back."""
+    from workers.batches import binary_chunks, ipc_buffer
+    from workers.staging import _blob_views
+
+    first, second = pa.table({"key": ["a", "b"], "x": [1, 2]}), pa.table({"key": ["c"], "y": [0.5]})
+    streams = [ipc_buffer(first, second), ipc_buffer()]
+    column = binary_chunks(streams)
+    assert column.type == pa.binary() and column.num_chunks == 2 and column[1].as_py() == b""
+    assert column.chunk(0).buffers()[2].address == streams[0].address
+    tables = [ipc_tables(view) for view in _blob_views(column)]
+    assert [[t.to_pydict() for t in ts] for ts in tables] == [[first.to_pydict(), second.to_pydict()], []]
+
+
 def test_overlapping_parts_are_sorted_in_memory(tmp_path):
     """Parts whose key ranges interleave cannot be streamed in order: the merge reads them and sorts; every row,
     sorted by key."""
@@ -344,3 +359,17 @@ def test_int8_maps_keep_their_dictionary(staged_batches, tmp_path):
     staged = [f for s in summaries for f in json.loads(s["files"]) if "/attributions-" in f]
     assert staged and all(_map_chunk(store.path(f)).has_dictionary_page for f in staged)
     assert not any(_map_chunk(store.path(f)).is_stats_set for f in staged)
+
+
+def test_host_steps_bench_dry_run(tmp_path, capsys):
+    """bench.host_steps on a tiny batch: both output paths and the write step measured, per map, written."""
+    from bench import host_steps
+
+    out = tmp_path / "host_steps.json"
+    assert host_steps.main(["--images", "2", "--methods", "2", "--size", "16", "--repeats", "1",
+                            "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["maps"] == 2 * 2 * 5
+    assert set(report["ms_per_map"]) == {"output_bytes", "output_ours", "write_parts", "parquet_write_table"}
+    assert all(v > 0 for v in report["ms_per_map"].values())
+    assert "actor output as Arrow buffers (ours)" in capsys.readouterr().out

