@@ -71,21 +71,20 @@ print(sum(counts[3:]))  # the first ones may still grow the heap
 """
 
 
-@pytest.mark.parametrize("malloc", ["retain", "system"])
-def test_actor_process_keeps_freed_memory(malloc):
-    """An actor's load_model makes its process keep freed memory (XAI_MALLOC=system: glibc's defaults): after three
-    64 MiB tensors, five more fault in almost no pages (with the defaults each is a fresh mmap: 16,384 pages of
-    4 KiB). Counted in a fresh process, as the setting is process-wide."""
+def test_actor_process_keeps_freed_memory():
+    """An actor's load_model makes its process keep freed memory: after three 64 MiB tensors, five more fault in
+    (almost) no pages, while with XAI_MALLOC=system (glibc's defaults) each is a fresh mapping that faults at least
+    once (16,384 times with 4 KiB pages; once per 2 MiB where transparent huge pages are always on). Counted in fresh
+    processes, as the setting is process-wide; compared with each other, so the page size does not matter."""
     if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
         pytest.skip("glibc only")
-    env = {**os.environ, "XAI_MALLOC": malloc, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True)
-    faults = int(done.stdout.strip().splitlines()[-1])
-    pages = 5 * 64 * 2 ** 20 // os.sysconf("SC_PAGE_SIZE")
-    if malloc == "retain":
-        assert faults < 0.05 * pages, faults
-    else:
-        assert faults > 0.5 * pages, faults
+    faults = {}
+    for malloc in ("retain", "system"):
+        env = {**os.environ, "XAI_MALLOC": malloc, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+                              check=True)
+        faults[malloc] = int(done.stdout.strip().splitlines()[-1])
+    assert faults["system"] >= 5 and faults["retain"] * 20 <= faults["system"], faults
 
 
 def test_malloc_bench_dry_run(tmp_path):
