@@ -13,8 +13,8 @@
 # $OUT/gpu_check.log (the printed tables), $OUT/ray_data_operators.json and .log (per Ray Data operator of the
 # pipeline sections: task times, back-pressure, USS; bench.ray_data_log), $OUT/metrics_road.json and .log.
 # The check keeps to --budget-s (default 240 s) by skipping what is left; GPU_CHECK_TIMEOUT_S (default 290) is its
-# hard stop (SIGINT, the JSON is written, then the exit); the ROAD step has GPU_CHECK_ROAD_TIMEOUT_S (default 75; 0 skips
-# it; GPU_CHECK_ROAD_ARGS adds bench.metrics arguments). Both run on GPU_CHECK_DEVICE (default cuda; `cpu` with
+# hard stop (SIGINT, the JSON is written, then the exit); the ROAD step has GPU_CHECK_ROAD_TIMEOUT_S (default 75;
+# 0 skips it; GPU_CHECK_ROAD_ARGS adds bench.metrics arguments). Both run on GPU_CHECK_DEVICE (default cuda; `cpu` with
 # --tiny is the dry run of tests/test_gpu_bundle.py). GPU_CHECK_BUNDLE: another bundle than .gpu_bundle/site.tar.xz.
 # Python: $GPU_CHECK_PYTHON if set, else make test's .venv/bin/python, else (with a bundle) python3; where none of
 # them is there, .venv is built first with `make .venv/.installed` (minutes, and it needs the package registry).

@@ -98,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for mode, r in results.items()]
     print(f"{a.model}, methods {a.methods}, top-5, {a.calls} calls cycling through batches of {sizes} images, "
           "1 thread")
-    print(text_table(["malloc"] + [f"CPU s/img, batch {n}" for n in sizes]
-                     + [f"page faults / call, batch {' / '.join(map(str, sizes))}", "RSS MiB after call 1 / last, peak"],
-                     rows))
+    headers = (["malloc"] + [f"CPU s/img, batch {n}" for n in sizes]
+               + [f"page faults / call, batch {' / '.join(map(str, sizes))}", "RSS MiB after call 1 / last, peak"])
+    print(text_table(headers, rows))
     system, retain = results["system"], results["retain"]
     ratios = {"cpu": retain["cpu_s_per_image"] / system["cpu_s_per_image"],
               "cpu_largest_batch": retain["cpu_s_per_image_by_batch"][str(sizes[0])]

@@ -1,7 +1,7 @@
 """Adapters that let a reference library run on our models and inputs: a model copy with one non-in-place ReLU
 per call site (Captum's guided backprop and DeepLift), the submodule of a copy, a softmax model behind TorchRay's
-sigmoid, a zennit-ready copy and zennit's BatchNorm merge with a positive eps, and the ``saliency`` package's model function, pixel layout
-and numpy shim."""
+sigmoid, a zennit-ready copy and zennit's BatchNorm merge with a positive eps, and the ``saliency`` package's model
+function, pixel layout and numpy shim."""
 from __future__ import annotations
 
 import contextlib

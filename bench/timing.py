@@ -1,5 +1,6 @@
 """Timing on a shared machine: device sync, interleaved rounds with warm-up, the CPU time other processes used
-meanwhile (and waiting for them to go quiet), per-image statistics, and glibc's freed-memory retention."""
+meanwhile (and waiting for them to go quiet), and per-image statistics (glibc's freed-memory retention is in
+workers.device)."""
 from __future__ import annotations
 
 import gc
