@@ -25,6 +25,27 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def actor_start_failure(exc: BaseException) -> str | None:
+    """One line for a Ray actor that died in its constructor (``exc`` or what it was raised from): "an actor could
+    not start: " + the constructor's own exception line (an AttributionError's message alone, other types with
+    their name), instead of Ray's multi-line report. None for any other exception."""
+    import ray.exceptions
+
+    seen = exc
+    while seen is not None and not isinstance(seen, ray.exceptions.RayActorError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None or not seen.actor_init_failed:
+        return None
+    lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
+    last = lines[-1] if lines else "unknown error"
+    name, _, message = last.partition(": ")
+    if message and name.rsplit(".", 1)[-1] in ("AttributionError", "JobError", "StorageError"):
+        last = message
+    elif message:
+        last = f"{name.rsplit('.', 1)[-1]}: {message}"
+    return f"an actor could not start: {last}"
+
+
 NON_TTY_PROGRESS_INTERVAL_S = 60
 
 
@@ -46,17 +67,30 @@ def local_system_config(num_cpus: int) -> dict[str, int]:
     return {"num_workers_soft_limit": IDLE_WORKERS_PER_CPU * max(1, int(num_cpus))}
 
 
+_EMBEDDED = False  # whether the Ray this process runs on is one ensure_ray started here (no cluster to grow)
+
+
+def ray_is_embedded() -> bool:
+    """True when this process's Ray is an embedded local one that :func:`ensure_ray` started: it never gains
+    resources. False for a connected cluster, and for a Ray the caller initialised itself."""
+    import ray
+
+    return _EMBEDDED and ray.is_initialized()
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster (``address``, or RAY_ADDRESS as set by ``ray job submit``), else start an embedded
     local Ray with ``num_cpus`` (default: this machine's) CPUs, no dashboard, a modest object store and enough
     idle workers kept (:func:`local_system_config`); a cluster's own settings are left alone."""
     import ray
 
+    global _EMBEDDED
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address or os.environ.get("RAY_ADDRESS"):
+    _EMBEDDED = not (address or os.environ.get("RAY_ADDRESS"))
+    if not _EMBEDDED:
         ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         cpus = num_cpus or os.cpu_count() or 1
@@ -77,19 +111,60 @@ def log_progress_briefly(interval_s: int = NON_TTY_PROGRESS_INTERVAL_S) -> None:
 
 
 def actor_resources(gpus_per_worker: float | None, workers: int | None, cpus_per_worker: float | None,
-                    batch_size: int | None, gpu_batch: int = 32, cpu_batch: int = 8) -> tuple[float, int, float, int]:
+                    batch_size: int | None, gpu_batch: int = 32, cpu_batch: int = 8,
+                    device: str | None = None) -> tuple[float, int, float, int]:
     """(GPUs per actor, actors, CPUs per actor, batch size) for a model-pinning actor pool on the connected cluster.
 
-    Defaults: one actor per GPU with 1 CPU each; without GPUs one CPU actor that leaves one CPU to the read,
-    decode and write tasks (an actor holding every CPU stalls the pipeline, ray#44687).
+    Defaults: one actor per GPU the cluster has, or can grow to where its autoscaler says (Ray's cluster config),
+    with 1 CPU each; ``gpus_per_worker`` 0.5 gives two actors per GPU. ``device`` "cpu" asks for no GPU. Without
+    GPUs one CPU actor that leaves one CPU to the read, decode and write tasks (an actor holding every CPU stalls
+    the pipeline, ray#44687).
     """
     import ray
 
     resources = ray.cluster_resources()
-    gpus = gpus_per_worker if gpus_per_worker is not None else (1 if resources.get("GPU") else 0)
-    workers = workers or (max(1, int(resources.get("GPU", 0) // max(gpus, 1))) if gpus else 1)
+    pool = max(resources.get("GPU", 0), most_cluster_gpus() or 0)
+    if gpus_per_worker is None:
+        gpus_per_worker = 0 if device == "cpu" else (1 if pool else 0)
+    gpus = gpus_per_worker
+    workers = workers or (max(1, int(pool / gpus + 1e-9)) if gpus else 1)
     cpus = cpus_per_worker or (1 if gpus else max(1, int(resources.get("CPU", 2)) - 1))
     return gpus, workers, cpus, batch_size or (gpu_batch if gpus else cpu_batch)
+
+
+def most_cluster_gpus() -> float | None:
+    """The most GPUs the connected cluster's autoscaler may bring up, from the cluster config it reports to Ray
+    (what Ray Data itself reads for its resource limits); None where no such config is known (an embedded local Ray,
+    a fixed set of ``ray start`` nodes)."""
+    try:
+        from ray._private.state import state
+        return (state.get_max_resources_from_cluster_config() or {}).get("GPU") or None
+    except Exception:  # a private API: a Ray without it has no autoscaler limits to read
+        return None
+
+
+def check_gpu_request(gpus: float, workers: int, embedded: bool) -> str | None:
+    """Whether ``workers`` actors of ``gpus`` GPUs each can ever run: raises JobError (one line) when they cannot —
+    an embedded local Ray has fewer GPUs (it never gains any: the job would wait forever), or the cluster's
+    autoscaler cannot reach that many. Returns a warning line when a connected cluster has fewer now and may get
+    them later (an autoscaling cluster whose GPU nodes start on demand), or when it has none and the actors will
+    run on CPUs; else None."""
+    import ray
+
+    need, now, most = gpus * workers, ray.cluster_resources().get("GPU", 0), most_cluster_gpus()
+    if not gpus:
+        return (None if embedded or now or most else
+                "warning: the cluster has no GPU now, so the actors run on CPUs; for GPU nodes that an autoscaler "
+                "starts on demand pass --gpus-per-worker 1 --workers N")
+    if need <= now + 1e-9:
+        return None
+    asked = f"{workers} actor{'s' * (workers > 1)} x {gpus:g} GPU"
+    if embedded:
+        raise JobError(f"{asked} asked for, but this machine's Ray has {now:g} GPU: fewer --workers or "
+                       f"--gpus-per-worker, or --device cpu")
+    if most is not None and need > most + 1e-9:
+        raise JobError(f"{asked} asked for, but the cluster's autoscaler can bring up at most {most:g} GPU")
+    return f"waiting for GPUs: {asked} asked for, the cluster has {now:g} GPU now (its autoscaler may add nodes)"
 
 
 def expand_shards(patterns: list[str]) -> list[str]:

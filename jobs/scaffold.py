@@ -29,7 +29,8 @@ from attribution import models
 from attribution.errors import AttributionError
 from attribution.methods import REGISTRY, get_method
 from attribution.precision import PRECISIONS
-from jobs.common import JobError, actor_resources, ensure_ray, fail
+from jobs.common import (JobError, actor_resources, actor_start_failure, check_gpu_request, ensure_ray, fail,
+                         ray_is_embedded)
 from schemas.storage import StorageError
 from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
@@ -93,9 +94,12 @@ def add_actor_arguments(p: argparse.ArgumentParser, precision_help: str, overwri
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument(*workers_flags, dest="workers", type=int, default=None,
                    help="actors (default: one per GPU, else 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per actor (default: 1 where the cluster has GPUs or its autoscaler reports some, else "
+                        "0; 0.5: two actors per GPU)")
     p.add_argument("--cpus-per-worker", type=float, default=None)
-    p.add_argument("--device", default=None, help="force a torch device for the actors (cpu, cuda)")
+    p.add_argument("--device", default=None, help="force a torch device for the actors (cpu: no GPU is asked for; "
+                   "default: cuda for actors that hold a GPU, else cpu)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     if sharded:
@@ -164,8 +168,10 @@ def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_co
                 preprocessing, worker_kwargs: dict | None = None, gpu_batch: int = 32, cpu_batch: int = 8):
     """raw sample rows -> decode (CPU tasks) -> ``worker_cls(config=…)`` in an actor pool sized for the connected
     cluster. ``worker_config``: a dataclass with ``threads`` and ``device`` fields; threads default to the actor's
-    CPUs, the device to "cpu" when the actors get no GPU. Returns (the Ray dataset of the actors' rows, the actor
-    batch size).
+    CPUs, the device to "cuda" when the actors hold GPUs (an actor whose torch sees none then fails to start, rather
+    than run on one CPU thread) and "cpu" when not. GPUs that can never come fail here in one line
+    (jobs.common.check_gpu_request); the pool's plan is printed as one line. Returns (the Ray dataset of the
+    actors' rows, the actor batch size).
 
     Prefetching is Ray Data's: each actor has 2 batches in flight (its max_concurrency 1 x
     RAY_DATA_ACTOR_DEFAULT_MAX_TASKS_IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR 2), so the next decoded batch is already
@@ -176,11 +182,18 @@ def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_co
 
     gpus, workers, cpus, batch_size = actor_resources(settings.gpus_per_worker, settings.workers,
                                                       settings.cpus_per_worker, settings.batch_size,
-                                                      gpu_batch=gpu_batch, cpu_batch=cpu_batch)
+                                                      gpu_batch=gpu_batch, cpu_batch=cpu_batch,
+                                                      device=worker_config.device)
+    warning = check_gpu_request(gpus, workers, ray_is_embedded())
     config = type(worker_config)(**{**asdict(worker_config),
                                     "threads": worker_config.threads or max(1, int(cpus))})
-    if not gpus and config.device is None:
-        config.device = "cpu"
+    if config.device is None:  # an actor holding a GPU computes on it or fails to start (workers.device)
+        config.device = "cuda" if gpus else "cpu"
+    say = settings.say()
+    if warning:
+        say(warning)
+    say(f"actors: {workers} x ({gpus:g} GPU, {cpus:g} CPU, {config.threads} threads) on {config.device}, "
+        f"batches of {batch_size}")
     rows = (dataset
             .map_batches(decode_batch, fn_kwargs={"preprocessing": preprocessing}, batch_format="pyarrow",
                          batch_size=batch_size, num_cpus=0.5)
@@ -192,11 +205,17 @@ def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_co
 
 def run_cli(config: Any, run: Callable[[Any], Any]) -> int:
     """``run(config)`` for a job's ``main``: the job's own input problems (JobError, AttributionError, StorageError)
-    exit with one error line and status 2; returns 0."""
+    and an actor that cannot start (jobs.common.actor_start_failure: no GPU for torch, unreadable weights …) exit
+    with one error line and status 2; returns 0."""
     try:
         run(config)
     except (JobError, AttributionError, StorageError) as exc:
         fail(str(exc))
+    except Exception as exc:
+        line = actor_start_failure(exc)
+        if line is None:
+            raise
+        fail(line)
     return 0
 
 
@@ -216,7 +235,7 @@ MANIFEST_INTERVAL_S = 30.0  # seconds between manifest rewrites while shards com
 def record_failure(store: OutputStore, manifest: dict, exc: BaseException) -> None:
     """Mark the run failed in its manifest, with the exception's first line."""
     manifest["status"] = "failed"
-    manifest["failure"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    manifest["failure"] = actor_start_failure(exc) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     store.write_json("manifest.json", manifest)
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 import numpy as np
 import torch
 
 from attribution import models
+from attribution.errors import AttributionError
 
 HALF_PRECISIONS = ("bf16", "fp16")
 
@@ -27,13 +29,13 @@ def load_model(model: str, weights: str | None, device: str | None, threads: int
                channels_last: bool | None = None) -> tuple[models.ModelSpec, bool]:
     """The actor's own copy of ``model`` on ``device`` (None: CUDA when available), with ``threads`` torch CPU
     threads (None: leave as is). Returns (spec, whether images go in channels_last). ``channels_last`` None: on
-    CUDA with a half ``precision``, else not. Also makes this process keep the memory it frees (module docstring)
-    unless ``XAI_MALLOC=system``."""
+    CUDA with a half ``precision``, else not. The device is checked first (:func:`resolve_device`). Also makes this
+    process keep the memory it frees (module docstring) unless ``XAI_MALLOC=system``."""
     if threads:
         torch.set_num_threads(threads)
     if os.environ.get("XAI_MALLOC", "retain") != "system":
         retain_freed_memory()
-    target = torch.device(device) if device else models.default_device()
+    target = resolve_device(device, precision)
     spec = models.load(model, weights, device=target)
     use_nhwc = channels_last if channels_last is not None else (target.type == "cuda"
                                                                 and precision in HALF_PRECISIONS)
@@ -42,6 +44,32 @@ def load_model(model: str, weights: str | None, device: str | None, threads: int
     if use_nhwc:
         spec.module.to(memory_format=torch.channels_last)  # the actor's own model, loaded above
     return spec, use_nhwc
+
+
+def resolve_device(device: str | None, precision: str = "fp32") -> torch.device:
+    """The torch device an actor computes on: ``device`` (None: CUDA when available, else the CPU), or one
+    AttributionError line naming why it cannot be used, before any model is loaded:
+
+    * CUDA asked for (the jobs give every actor that holds a GPU ``cuda``) but this torch sees no GPU: a CPU-only
+      torch wheel, a driver older than the wheel's CUDA, or ``CUDA_VISIBLE_DEVICES`` empty. Without this check such
+      an actor would run the whole job on one CPU thread while its GPU idles.
+    * ``precision`` bf16 on a GPU without bf16 tensor cores (compute capability below 8.0: V100, T4), where autocast
+      would emulate bf16 more slowly than fp32; fp16 is the half precision such GPUs have."""
+    target = torch.device(device) if device else models.default_device()
+    if target.type != "cuda":
+        return target
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible!r}"
+        raise AttributionError(f"device {target} asked for, but torch {torch.__version__} ({build}) sees no GPU on "
+                               f"{platform.node()}{shown}: install a torch build that matches the node's CUDA "
+                               f"driver, or run the actors on the CPU (--device cpu)")
+    if precision == "bf16" and torch.cuda.get_device_capability(target) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(target)
+        raise AttributionError(f"--precision bf16 needs bf16 tensor cores (compute capability 8.0 or newer); "
+                               f"{torch.cuda.get_device_name(target)} has {major}.{minor}: use fp16, tf32 or fp32")
+    return target
 
 
 def retain_freed_memory() -> bool:
@@ -70,4 +98,4 @@ def device_images(spec: models.ModelSpec, pixels: np.ndarray, channels_last: boo
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-__all__ = ["HALF_PRECISIONS", "device_images", "load_model", "retain_freed_memory"]
+__all__ = ["HALF_PRECISIONS", "device_images", "load_model", "resolve_device", "retain_freed_memory"]
