@@ -167,6 +167,20 @@ def check_gpu_request(gpus: float, workers: int, embedded: bool) -> str | None:
     return f"waiting for GPUs: {asked} asked for, the cluster has {now:g} GPU now (its autoscaler may add nodes)"
 
 
+def cluster_hardware(seen: dict | None = None) -> dict:
+    """What the connected Ray cluster has now, merged with ``seen`` (the most of each so far, so an autoscaling
+    cluster's largest size is kept): {"cpus": CPUs, "gpus": GPUs (Ray's resource counts), "gpu_types": Ray's
+    accelerator types of its GPU nodes, e.g. ["A10G"]}. What a run's times per image were measured on."""
+    import ray
+
+    resources = ray.cluster_resources()
+    types = {key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:")}
+    seen = seen or {}
+    return {"cpus": max(resources.get("CPU", 0.0), seen.get("cpus", 0.0)),
+            "gpus": max(resources.get("GPU", 0.0), seen.get("gpus", 0.0)),
+            "gpu_types": sorted(types | set(seen.get("gpu_types", [])))}
+
+
 def expand_shards(patterns: list[str]) -> list[str]:
     """Shard URIs from brace patterns (``val-{000000..000049}.tar``), local globs, or directories of ``*.tar``;
     each argument may also be a comma-separated list of those (``a.tar,b.tar``; commas inside braces belong to the

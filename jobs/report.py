@@ -261,7 +261,8 @@ def _page_height(sections: Sequence[page.Section]) -> int:
 
 def _runs_table(runs: Sequence[Run]) -> Table:
     rows = [{"kind": r.kind, "path": r.uri, "models": ", ".join(r.models), "images": r.images,
-             "started": r.started, "status": r.status} for r in runs]
+             "precision": r.precision, "hardware": r.hardware, "started": r.started, "status": r.status}
+            for r in runs]
     return run_table(rows)
 
 

@@ -29,8 +29,8 @@ from attribution import models
 from attribution.errors import AttributionError
 from attribution.methods import REGISTRY, get_method
 from attribution.precision import PRECISIONS
-from jobs.common import (JobError, actor_resources, actor_start_failure, check_gpu_request, ensure_ray, fail,
-                         ray_is_embedded)
+from jobs.common import (JobError, actor_resources, actor_start_failure, check_gpu_request, cluster_hardware,
+                         ensure_ray, fail, ray_is_embedded)
 from schemas.storage import StorageError
 from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
@@ -246,8 +246,10 @@ class ShardedRun:
     Construction does the bookkeeping before any work: ``--overwrite`` clears, the "same run?" check refuses an
     output directory whose committed shards came from another ``key``, leftovers of uncommitted shards are
     deleted, and the manifest (``job``, ``config`` = ``key`` + ``recorded``, ``versions``, per-shard status) is
-    written. ``recorded``: config entries kept in the manifest but not compared (e.g. the shard list);
-    ``what``: how the refusal names a run ("a run", "an evaluation").
+    written; from the first commit on it also holds ``hardware`` (jobs.common.cluster_hardware: the cluster's CPUs,
+    GPUs and GPU types, the most seen while this run's shards committed). ``recorded``: config entries kept in the
+    manifest but not compared (e.g. the shard list); ``what``: how the refusal names a run ("a run", "an
+    evaluation").
 
     While shards commit the manifest is rewritten at most every ``manifest_interval_s`` seconds of ``clock`` (a
     monotonic clock in seconds; both class attributes, so tests can change them). Mid-run its per-shard status may
@@ -338,6 +340,7 @@ class ShardedRun:
         if entry.get("status") != "committed":
             self.committed_count += 1
         self.manifest["shards"][shard] = {**entry, "status": "committed", **record}
+        self.manifest["hardware"] = cluster_hardware(self.manifest.get("hardware"))
         self._write_manifest(force=False)
         for name in self.counts:
             self.counts[name] += record[name]

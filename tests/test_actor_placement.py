@@ -132,3 +132,14 @@ def test_gpu_actor_whose_torch_sees_no_gpu_fails_in_one_line(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["failure"] == last.removeprefix("error: ")
     assert "actors: 1 x (1 GPU, 1 CPU, 1 threads) on cuda" in result.stdout
+
+
+def test_hardware_record_keeps_the_largest_cluster_seen(cluster):
+    """An autoscaling cluster grows and shrinks during a run; the manifest keeps the most it had."""
+    cluster["resources"] = {"CPU": 16.0, "GPU": 4.0, "accelerator_type:A10G": 1.0}
+    first = common.cluster_hardware()
+    assert first == {"cpus": 16.0, "gpus": 4.0, "gpu_types": ["A10G"]}
+    cluster["resources"] = {"CPU": 8.0, "GPU": 2.0, "accelerator_type:L4": 1.0}
+    assert common.cluster_hardware(first) == {"cpus": 16.0, "gpus": 4.0, "gpu_types": ["A10G", "L4"]}
+    cluster["resources"] = {"CPU": 2.0}
+    assert common.cluster_hardware() == {"cpus": 2.0, "gpus": 0.0, "gpu_types": []}

@@ -80,6 +80,8 @@ def test_every_sample_method_target_exactly_once(full_run, photo_shards):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert all(s["status"] == "committed" for s in manifest["shards"].values())
+    import ray  # what the times were measured on: the session's Ray (2 CPUs; GPUs where the machine has them)
+    assert manifest["hardware"]["cpus"] == 2 and manifest["hardware"]["gpus"] == ray.cluster_resources().get("GPU", 0)
 
 
 def test_stored_maps_equal_direct_calls(full_run):

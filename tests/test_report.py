@@ -91,7 +91,8 @@ def write_committed(folder: Path, kind: str, table: pa.Table) -> None:
          "error_rows": 0}))
 
 
-def write_evaluate_run(folder: Path, rows: list[dict], dataset: list[dict] | None = None) -> Path:
+def write_evaluate_run(folder: Path, rows: list[dict], dataset: list[dict] | None = None,
+                       manifest: dict | None = None) -> Path:
     table = pa.Table.from_pylist(rows, schema=METRIC_SCHEMA)
     validate_metrics(table)
     folder.mkdir(parents=True)
@@ -102,7 +103,9 @@ def write_evaluate_run(folder: Path, rows: list[dict], dataset: list[dict] | Non
         pq.write_table(dataset_table, folder / "dataset_metrics.parquet")
     (folder / "manifest.json").write_text(json.dumps(
         {"job": "evaluate", "status": "complete", "started": "2026-11-22T10:00:00+0000",
-         "config": {"attributions": str(folder.parent / "no-such-attribution-run"), "shards": []}}))
+         "config": {"attributions": str(folder.parent / "no-such-attribution-run"), "shards": [],
+                    **(manifest or {}).get("config", {})},
+         **{k: v for k, v in (manifest or {}).items() if k != "config"}}))
     return folder
 
 
@@ -131,7 +134,8 @@ def toy_runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     toy = write_evaluate_run(root / "eval_toy", toy_rows(), dataset=[
         {"model": "toy", "weights": "imagenet", "method": "alpha", "options": "{}",
-         "metric": "fmi_prototype_accuracy", "value": 0.875, "n": 8, "detail": "{}"}])
+         "metric": "fmi_prototype_accuracy", "value": 0.875, "n": 8, "detail": "{}"}],
+        manifest={"config": {"precision": "bf16"}, "hardware": {"cpus": 32.0, "gpus": 8.0, "gpu_types": ["A10G"]}})
     other = write_evaluate_run(root / "eval_toy2", [
         metric_row("k0", "alpha", "morf", 0.2, model="toy2", steps=[0.0, 1.0], curve=[1.0, 0.0], weights=None),
         metric_row("k1", "alpha", "morf", 0.4, model="toy2", steps=[0.0, 1.0], curve=[1.0, 0.4], weights=None)])
@@ -218,6 +222,16 @@ def test_runs_are_combined_and_curves_averaged(toy_report):
             assert image.size == (640, 440)
     assert (toy_report / "figures" / "curves_toy2_morf.png").is_file()
     assert not (toy_report / "figures" / "curves_toy2_lerf.png").exists()
+
+
+def test_runs_table_says_what_the_times_were_measured_on(toy_report):
+    runs = pd.read_csv(toy_report / "tables" / "runs.csv", keep_default_na=False)
+    runs["run"] = runs["path"].map(lambda p: Path(p).name)
+    runs = runs.set_index("run")
+    assert (runs.loc["eval_toy", "precision"], runs.loc["eval_toy", "hardware"]) == ("bf16", "8 GPU (A10G), 32 CPU")
+    assert (runs.loc["eval_toy2", "precision"], runs.loc["eval_toy2", "hardware"]) == ("fp32", "")  # none recorded
+    assert "| Kind | Path | Models | Images | Precision | Hardware | Started | Status |" in (
+        toy_report / "tables" / "runs.md").read_text()
 
 
 def test_sanity_table_and_figures(toy_report):

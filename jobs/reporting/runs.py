@@ -60,6 +60,24 @@ class Run:
         """The manifest's status ('complete', 'incomplete', …), '' when unknown."""
         return str(self.manifest.get("status", ""))
 
+    @property
+    def precision(self) -> str:
+        """The compute precision the run's config recorded (fp32 where it records none)."""
+        return str(self.manifest.get("config", {}).get("precision") or "fp32")
+
+    @property
+    def hardware(self) -> str:
+        """What the run computed on (manifest ``hardware``, jobs.common.cluster_hardware), e.g. "8 GPU (A10G), 32
+        CPU" or "2 CPU"; '' for a run that recorded none."""
+        hw = self.manifest.get("hardware")
+        if not isinstance(hw, dict):
+            return ""
+        cpus = f"{hw.get('cpus', 0):g} CPU"
+        if not hw.get("gpus"):
+            return cpus
+        types = f" ({', '.join(hw['gpu_types'])})" if hw.get("gpu_types") else ""
+        return f"{hw['gpus']:g} GPU{types}, {cpus}"
+
     def shard_uris(self) -> dict[str, str]:
         """Shard file name -> URI of the input shards this run recorded (its manifest's shards and config)."""
         uris: dict[str, str] = {}

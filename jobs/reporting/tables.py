@@ -338,9 +338,11 @@ def sanity_table(rows: pd.DataFrame) -> Table:
 
 
 def run_table(rows: Sequence[dict]) -> Table:
-    """The 'which runs' table: one row per run, dicts with kind, path, models, images, started, status."""
-    headers = ["Kind", "Path", "Models", "Images", "Started", "Status"]
-    frame = pd.DataFrame(list(rows), columns=["kind", "path", "models", "images", "started", "status"])
+    """The 'which runs' table: one row per run, dicts with kind, path, models, images, precision, hardware (what
+    its times per image were measured on), started, status."""
+    headers = ["Kind", "Path", "Models", "Images", "Precision", "Hardware", "Started", "Status"]
+    frame = pd.DataFrame(list(rows), columns=["kind", "path", "models", "images", "precision", "hardware", "started",
+                                              "status"])
     text = [[str(r[c]) for c in frame.columns] for r in rows]
     return Table("runs", "Runs this report was built from", headers, text, frame)
 
