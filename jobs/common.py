@@ -143,17 +143,18 @@ def most_cluster_gpus() -> float | None:
         return None
 
 
-def check_gpu_request(gpus: float, workers: int, embedded: bool) -> str | None:
+def check_gpu_request(gpus: float, workers: int, embedded: bool, cpu_asked: bool = False) -> str | None:
     """Whether ``workers`` actors of ``gpus`` GPUs each can ever run: raises JobError (one line) when they cannot —
     an embedded local Ray has fewer GPUs (it never gains any: the job would wait forever), or the cluster's
     autoscaler cannot reach that many. Returns a warning line when a connected cluster has fewer now and may get
     them later (an autoscaling cluster whose GPU nodes start on demand), or when it has none and the actors will
-    run on CPUs; else None."""
+    run on CPUs without the user having asked for that (``cpu_asked``: --device cpu or --gpus-per-worker 0); else
+    None."""
     import ray
 
     need, now, most = gpus * workers, ray.cluster_resources().get("GPU", 0), most_cluster_gpus()
     if not gpus:
-        return (None if embedded or now or most else
+        return (None if embedded or cpu_asked or now or most else
                 "warning: the cluster has no GPU now, so the actors run on CPUs; for GPU nodes that an autoscaler "
                 "starts on demand pass --gpus-per-worker 1 --workers N")
     if need <= now + 1e-9:

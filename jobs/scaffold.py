@@ -184,7 +184,8 @@ def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_co
                                                       settings.cpus_per_worker, settings.batch_size,
                                                       gpu_batch=gpu_batch, cpu_batch=cpu_batch,
                                                       device=worker_config.device)
-    warning = check_gpu_request(gpus, workers, ray_is_embedded())
+    warning = check_gpu_request(gpus, workers, ray_is_embedded(),
+                                cpu_asked=worker_config.device == "cpu" or settings.gpus_per_worker == 0)
     config = type(worker_config)(**{**asdict(worker_config),
                                     "threads": worker_config.threads or max(1, int(cpus))})
     if config.device is None:  # an actor holding a GPU computes on it or fails to start (workers.device)

@@ -100,6 +100,7 @@ def test_connected_cluster_without_gpus_is_told_so(cluster):
     assert "--gpus-per-worker 1 --workers N" in check_gpu_request(0, 1, embedded=False)
     assert "waiting for GPUs" in check_gpu_request(1, 2, embedded=False)  # no autoscaler limit known: it may come
     assert check_gpu_request(0, 1, embedded=True) is None  # a laptop: CPU actors are what it has
+    assert check_gpu_request(0, 1, embedded=False, cpu_asked=True) is None  # --device cpu / --gpus-per-worker 0
     cluster["resources"] = {"CPU": 8.0, "GPU": 2.0}
     assert check_gpu_request(1, 2, embedded=True) is None
     assert check_gpu_request(0.5, 4, embedded=False) is None
