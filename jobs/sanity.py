@@ -42,7 +42,7 @@ from jobs.scaffold import (ActorJobSettings, actor_settings, actor_stage, add_ac
 from schemas.attributions import ERROR_SCHEMA, validate_errors
 from schemas.metrics import SANITY_SCHEMA, validate_sanity
 from workers.sanity_worker import SANITY_TARGETS, SanityConfig, SanityWorker, grid_id
-from workers.sink import OutputStore
+from workers.sink import OutputStore, parquet_options
 
 OUTPUTS = ("sanity", "errors", "manifest.json", "sanity_maps.npz", "sanity_grid.png", "sanity_similarity.png")
 METRIC_TITLES = {"spearman_abs": "Spearman rank correlation of |map|", "spearman": "Spearman rank correlation of map",
@@ -196,7 +196,7 @@ def _concat(blobs: list[bytes], schema: pa.Schema) -> pa.Table:
 def _write_parquet(store: OutputStore, rel: str, table: pa.Table) -> None:
     store.fs.create_dir(store.path(rel.rsplit("/", 1)[0]), recursive=True)
     with store.fs.open_output_stream(store.path(rel)) as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, **parquet_options(table.schema))  # the options of every table the jobs write
 
 
 def _mean_similarity(store: OutputStore, methods: list[str], steps: int) -> dict[str, dict[str, list]]:

@@ -279,6 +279,8 @@ def test_job_end_to_end(ray_session, lite0, tmp_path, capsys):
     assert "sanity_grid.png" in printed and "stage7" in printed and "stage6" not in printed
     table = pq.read_table(out / "sanity")
     validate_sanity(table)
+    parts = list((out / "sanity").glob("*.parquet")) + list((out / "errors").glob("*.parquet"))
+    assert parts and {pq.ParquetFile(p).metadata.row_group(0).column(0).compression for p in parts} == {"ZSTD"}
     steps = 3 + 1  # original, classifier, head, stage7
     assert table.num_rows == 2 * 2 * steps == summary["rows"]  # images x methods x (steps + 1)
     assert summary["images"] == 2 and summary["errors"] == 1 and summary["samples"] == 3
