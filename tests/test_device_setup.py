@@ -100,3 +100,68 @@ def test_malloc_bench_dry_run(tmp_path):
         assert result["batch_sizes"] == [2, 1] and result["images"] == 3 and len(result["rss_mib"]) == 2
         assert all(v > 0 for v in result["cpu_s_per_image_by_batch"].values())
     assert report["ratios"]["cpu"] > 0
+
+
+def test_method_out_of_memory_runs_on_halves_and_keeps_the_size(monkeypatch, caplog):
+    """A method that runs out of device memory on the batch is run on halves of it (8 -> 4 -> 2 images here, where
+    more than 2 "do not fit"), with the top-5 targets of the whole batch, and keeps that size for the next batch:
+    every row is there, no error row, and the maps are the whole-batch run's (per map Pearson r >= 0.9999: other
+    batch sizes may sum in another order; a map given to the wrong sample correlates far less)."""
+    import workers.attribution_worker as aw
+
+    real, sizes = aw.attribute_with_extras, []
+
+    def small_device(method, spec, images, targets, **kw):
+        sizes.append(len(images))
+        if len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(method, spec, images, targets, **kw)
+
+    config = WorkerConfig(model="bench_resnet", methods=["saliency", "gradcam"], targets="top5",
+                          map_dtype="float32", device="cpu")
+    whole = _maps(_rows(AttributionWorker(config)(_decoded(AttributionWorker(config).spec, 8))["attributions"]))
+    worker = AttributionWorker(config)
+    decoded = _decoded(worker.spec, 8)
+    monkeypatch.setattr(aw, "attribute_with_extras", small_device)
+    with caplog.at_level("WARNING", logger=aw.__name__):
+        out = worker(decoded)
+    assert _rows(out["errors"]) == []
+    chunked = _maps(_rows(out["attributions"]))
+    assert chunked.keys() == whole.keys() and len(chunked) == 8 * 2 * 5
+    for key, expected in whole.items():
+        r = np.corrcoef(chunked[key].ravel(), expected.ravel())[0, 1] if expected.std() > 0 else 1.0
+        assert r >= 0.9999, (key, r)
+    other = whole[next(k for k in whole if k[:2] == ("s1", "saliency"))]
+    first = whole[next(k for k in whole if k[:2] == ("s0", "saliency"))]
+    assert np.corrcoef(first.ravel(), other.ravel())[0, 1] < 0.9  # the check sees a map of another sample
+    assert sizes == [8, 4, 2, 2, 2, 2, 8, 4, 2, 2, 2, 2] and worker.chunk_sizes == {"saliency": 2, "gradcam": 2}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{m} ran out of memory on {n} images at once (CUDA out of memory. Tried to allocate 2.00 GiB); now {n // 2} "
+        "per call" for m in ("saliency", "gradcam") for n in (8, 4)]
+    sizes.clear()
+    worker(decoded)  # the next batch starts at the size that fitted: no failed attempt
+    assert sizes == [2] * 8
+
+
+def test_method_that_never_fits_gives_error_rows_not_a_failed_batch(monkeypatch):
+    """Out of memory even for one image: that method's samples become error rows naming it; the other method's
+    rows are all there."""
+    import workers.attribution_worker as aw
+
+    real = aw.attribute_with_extras
+
+    def no_room_for_gradcam(method, spec, images, targets, **kw):
+        if method == "gradcam":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(method, spec, images, targets, **kw)
+
+    worker = AttributionWorker(WorkerConfig(model="bench_resnet", methods=["saliency", "gradcam"], targets="top1",
+                                            device="cpu"))
+    decoded = _decoded(worker.spec, 4)
+    monkeypatch.setattr(aw, "attribute_with_extras", no_room_for_gradcam)
+    out = worker(decoded)
+    errors = _rows(out["errors"])
+    assert sorted((e["key"], e["method"]) for e in errors) == [(f"s{i}", "gradcam") for i in range(4)]
+    assert {e["reason"] for e in errors} == {"CUDA out of memory. Tried to allocate 20.00 MiB"}
+    assert sorted(r["key"] for r in _rows(out["attributions"])) == [f"s{i}" for i in range(4)]
+    assert worker.chunk_sizes == {"gradcam": 1}

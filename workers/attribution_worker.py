@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,10 @@ from attribution.precision import compute_precision
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from schemas.maps import MapLayout
 from workers.batches import DecodedBatch, error_row
-from workers.device import device_images, load_model
+from workers.device import device_images, is_out_of_memory, load_model, release_cached_memory
 
 TARGET_KINDS = ("label", "top1", "top5")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,7 +72,9 @@ class AttributionWorker:
     ``attributions`` (rows of schemas.attributions, one per sample x method x target, built column by column from
     one host copy per method and batch; one IPC stream per map layout) and ``errors`` (rows of ERROR_SCHEMA). A
     method that fails on the batch is retried per sample, so one bad sample costs one
-    error row, not the batch.
+    error row, not the batch. A method that runs out of device memory is run on halves of the batch instead, and
+    keeps that smaller size for the next batches (``chunk_sizes``: {method: images per call}; a warning is logged
+    at each halving).
     """
 
     def __init__(self, config: WorkerConfig) -> None:
@@ -87,6 +91,7 @@ class AttributionWorker:
         self.schemas = {layout: attribution_schema(layout.size, layout.dtype, self.size)
                         for layout in dict.fromkeys(self.layouts.values())}
         self.calls = 0
+        self.chunk_sizes: dict[str, int] = {}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         self.calls += 1
@@ -190,24 +195,49 @@ class AttributionWorker:
         return labels[:, None], valid
 
     def _run_method(self, method, images, targets, options, chosen, batch, errors) -> dict[int, Any]:
-        """{position in batch: (maps [T,S,S], extras)}; failures become error rows."""
-        try:
-            result = attribute_with_extras(method, self.spec, images, targets, precision=self.config.precision,
-                                           **options)
-            return {j: _slice(result, j) for j in range(len(chosen))}
-        except Exception:  # noqa: BLE001 -- any failure of one method on one batch becomes error rows
-            pass  # find the culprit(s): retry one sample at a time
-        if isinstance(targets, TopKTargets):
-            self._forward(images, targets)
-            targets = targets.classes
-        out = {}
-        for j in range(len(chosen)):
+        """{position in batch: (maps [T,S,S], extras)}; failures become error rows.
+
+        The method runs on the whole batch, or on consecutive chunks of ``chunk_sizes[method]`` images once it has
+        run out of memory: each time it does, the chunk that failed is retried at half the size (down to 1 image)
+        and the size is kept for the next batches. Any other failure of a chunk retries its samples one at a
+        time, to find the culprits."""
+        n = len(chosen)
+        size = min(self.chunk_sizes.get(method, n), n)
+        out: dict[int, Any] = {}
+        start = 0
+        while start < n:
+            stop = min(start + size, n)
+            if stop - start < n and isinstance(targets, TopKTargets):  # chunks need the classes up front
+                self._forward(images, targets)
+                targets = targets.classes
+            out_of_memory = False
             try:
-                result = attribute_with_extras(method, self.spec, images[j:j + 1], targets[j:j + 1],
+                chunk_targets = targets if isinstance(targets, TopKTargets) else targets[start:stop]
+                result = attribute_with_extras(method, self.spec, images[start:stop], chunk_targets,
                                                precision=self.config.precision, **options)
-                out[j] = _slice(result, 0)
-            except Exception as exc:  # noqa: BLE001
-                errors[chosen[j]].append(error_row(batch, chosen[j], "attribute", method, error_reason(exc)))
+                out.update({start + j: _slice(result, j) for j in range(stop - start)})
+                start = stop
+                continue
+            except Exception as exc:  # noqa: BLE001 -- any failure of one method on one batch becomes error rows
+                out_of_memory = is_out_of_memory(exc) and stop - start > 1
+                reason = error_reason(exc)
+            if out_of_memory:  # outside the handler: its traceback no longer holds the failed chunk's tensors
+                release_cached_memory(self.spec.device)
+                size = self.chunk_sizes[method] = max(1, (stop - start) // 2)
+                log.warning("%s ran out of memory on %d images at once (%s); now %d per call", method, stop - start,
+                            reason, size)
+                continue
+            if isinstance(targets, TopKTargets):  # find the culprit(s): retry one sample at a time
+                self._forward(images, targets)
+                targets = targets.classes
+            for j in range(start, stop):
+                try:
+                    result = attribute_with_extras(method, self.spec, images[j:j + 1], targets[j:j + 1],
+                                                   precision=self.config.precision, **options)
+                    out[j] = _slice(result, 0)
+                except Exception as exc:  # noqa: BLE001
+                    errors[chosen[j]].append(error_row(batch, chosen[j], "attribute", method, error_reason(exc)))
+            start = stop
         return out
 
     def _table(self, schema: pa.Schema, samples: dict[str, pa.Array], predicted: "PredictedTargets",

@@ -88,6 +88,22 @@ def retain_freed_memory() -> bool:
         return False
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device (or the host) running out of memory: torch's OutOfMemoryError (CUDA), or a
+    RuntimeError saying so (the CPU allocator's "not enough memory", other backends' "out of memory")."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the blocks PyTorch's CUDA allocator caches back to the device (after an out-of-memory error, so that a
+    smaller retry starts from a defragmented pool); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def device_images(spec: models.ModelSpec, pixels: np.ndarray, channels_last: bool = False) -> torch.Tensor:
     """uint8 pixels [N, 3, S, S] (host) -> normalised float32 images [N, 3, S, S] on the model's device: one
     copy of the uint8 batch (pinned and non-blocking on CUDA), then /255 and the model's normalisation there."""
@@ -98,4 +114,5 @@ def device_images(spec: models.ModelSpec, pixels: np.ndarray, channels_last: boo
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-__all__ = ["HALF_PRECISIONS", "device_images", "load_model", "resolve_device", "retain_freed_memory"]
+__all__ = ["HALF_PRECISIONS", "device_images", "is_out_of_memory", "load_model", "release_cached_memory",
+           "resolve_device", "retain_freed_memory"]
