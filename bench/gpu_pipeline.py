@@ -32,6 +32,12 @@ class Shards:
     sizes: list[int]
 
 
+
+def actor_gpus(device: torch.device) -> int:
+    """GPUs per actor for a section on ``device``: asked for explicitly, so a Ray that does not see the GPU fails the
+    section in one line (jobs.common.check_gpu_request) instead of measuring CPU actors."""
+    return 1 if device.type == "cuda" else 0
+
 def synthetic_shards(plan: Plan, work: Path) -> Shards:
     """``plan.pipeline_images`` synthetic samples (``pipeline_unique`` distinct images, repeated under new keys:
     generating each costs ~20 ms of CPU) written as shards of ``plan.shard_size``."""
@@ -78,7 +84,7 @@ def section_pipeline(plan: Plan, report: dict, work: Path, shards: Callable[[], 
     worker = WorkerConfig(model=plan.pipeline_model, methods=plan.pipeline_methods, targets=plan.pipeline_targets,
                           precision=precision, device=None if device.type == "cuda" else "cpu")
     config = AttributeConfig(shards=[data.pattern], out=str(work / "maps"), worker=worker, batch_size=batch,
-                             quiet=True, overwrite=True)
+                             quiet=True, overwrite=True, gpus_per_worker=actor_gpus(device))
     sampler = GpuSampler(gpu_index()) if device.type == "cuda" else contextlib.nullcontext()
     with sampler:
         wall0 = time.time()
@@ -151,7 +157,7 @@ def section_evaluate(plan: Plan, report: dict, work: Path, shards: Callable[[], 
         worker = WorkerConfig(model=model, methods=methods, targets="top1", device=None if device.type == "cuda"
                               else "cpu")
         attribute_run(AttributeConfig(shards=uris, out=maps_dir, worker=worker, batch_size=batch, quiet=True,
-                                      overwrite=True))
+                                      overwrite=True, gpus_per_worker=actor_gpus(device)))
         out["maps"] = "a gradcam top1 run made for this section (the pipeline section's maps were not there)"
     else:
         out["maps"] = "the pipeline section's maps"
@@ -176,7 +182,7 @@ def section_evaluate(plan: Plan, report: dict, work: Path, shards: Callable[[], 
                precision=precision or "torch defaults (jobs.evaluate has no precision option yet)")
 
     job = EvaluateJobConfig(out=str(work / "metrics"), worker=ecfg, shards=uris, dataset_metrics=[],
-                            batch_size=batch, overwrite=True, quiet=True)
+                            batch_size=batch, overwrite=True, quiet=True, gpus_per_worker=actor_gpus(device))
     start = time.perf_counter()
     summary = evaluate_run(job)
     seconds = time.perf_counter() - start
