@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import os
 import posixpath
+import re
 import sys
 from collections import Counter
 from typing import NoReturn
@@ -25,25 +26,32 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def actor_start_failure(exc: BaseException) -> str | None:
-    """One line for a Ray actor that died in its constructor (``exc`` or what it was raised from): "an actor could
-    not start: " + the constructor's own exception line (an AttributionError's message alone, other types with
-    their name), instead of Ray's multi-line report. None for any other exception."""
+# Exceptions of ours whose message is the whole story when a Ray actor or task raises them (one line for the user)
+_ONE_LINE_ERRORS = re.compile(r"^\s*(?:[\w.]+\.)?(AttributionError|JobError|StorageError|DeviceLostError): (.+)$")
+
+
+def ray_failure_line(exc: BaseException) -> str | None:
+    """One line for a job stopped by a Ray actor or task (``exc`` or what it was raised from), instead of Ray's
+    multi-line report: an actor that died in its constructor -> "an actor could not start: " + its exception line
+    (no GPU for torch, unreadable weights …); an actor or task that raised one of our own errors (DeviceLostError:
+    a GPU lost twice; StorageError: the output store refused a write) -> "a Ray task stopped: " + its message.
+    None for anything else (a bug keeps its traceback)."""
     import ray.exceptions
 
     seen = exc
-    while seen is not None and not isinstance(seen, ray.exceptions.RayActorError):
+    while seen is not None and not isinstance(seen, (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)):
         seen = seen.__cause__ or seen.__context__
-    if seen is None or not seen.actor_init_failed:
+    if seen is None:
         return None
     lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
-    last = lines[-1] if lines else "unknown error"
-    name, _, message = last.partition(": ")
-    if message and name.rsplit(".", 1)[-1] in ("AttributionError", "JobError", "StorageError"):
-        last = message
-    elif message:
-        last = f"{name.rsplit('.', 1)[-1]}: {message}"
-    return f"an actor could not start: {last}"
+    ours = next((m for m in map(_ONE_LINE_ERRORS.match, lines) if m), None)
+    if isinstance(seen, ray.exceptions.RayActorError) and seen.actor_init_failed:
+        if ours:
+            return f"an actor could not start: {ours.group(2)}"
+        name, _, message = (lines[-1] if lines else "unknown error").partition(": ")
+        return f"an actor could not start: {name.rsplit('.', 1)[-1]}: {message}" if message else \
+            f"an actor could not start: {name}"
+    return f"a Ray task stopped: {ours.group(2)}" if ours else None
 
 
 NON_TTY_PROGRESS_INTERVAL_S = 60

@@ -29,8 +29,8 @@ from attribution import models
 from attribution.errors import AttributionError
 from attribution.methods import REGISTRY, get_method
 from attribution.precision import PRECISIONS
-from jobs.common import (JobError, actor_resources, actor_start_failure, check_gpu_request, cluster_hardware,
-                         ensure_ray, fail, ray_is_embedded)
+from jobs.common import (JobError, actor_resources, check_gpu_request, cluster_hardware, ensure_ray, fail,
+                         ray_failure_line, ray_is_embedded)
 from schemas.storage import StorageError
 from workers.decode import decode_batch
 from workers.shards import WebDatasetShards, shard_name
@@ -206,14 +206,14 @@ def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_co
 
 def run_cli(config: Any, run: Callable[[Any], Any]) -> int:
     """``run(config)`` for a job's ``main``: the job's own input problems (JobError, AttributionError, StorageError)
-    and an actor that cannot start (jobs.common.actor_start_failure: no GPU for torch, unreadable weights …) exit
-    with one error line and status 2; returns 0."""
+    and a Ray actor or task stopped by one of them or unable to start (jobs.common.ray_failure_line: no GPU for
+    torch, a GPU lost twice …) exit with one error line and status 2; returns 0."""
     try:
         run(config)
     except (JobError, AttributionError, StorageError) as exc:
         fail(str(exc))
     except Exception as exc:
-        line = actor_start_failure(exc)
+        line = ray_failure_line(exc)
         if line is None:
             raise
         fail(line)
@@ -236,7 +236,7 @@ MANIFEST_INTERVAL_S = 30.0  # seconds between manifest rewrites while shards com
 def record_failure(store: OutputStore, manifest: dict, exc: BaseException) -> None:
     """Mark the run failed in its manifest, with the exception's first line."""
     manifest["status"] = "failed"
-    manifest["failure"] = actor_start_failure(exc) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    manifest["failure"] = ray_failure_line(exc) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     store.write_json("manifest.json", manifest)
 
 

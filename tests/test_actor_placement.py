@@ -49,6 +49,25 @@ def test_bf16_refused_on_a_gpu_without_bf16_tensor_cores(monkeypatch):
     assert resolve_device("cuda", "bf16") == torch.device("cuda")
 
 
+def test_a_working_device_is_left_alone_and_a_lost_one_ends_the_process(monkeypatch):
+    from workers import device
+
+    assert device.device_is_healthy(torch.device("cpu"))
+    device.exit_if_device_lost(torch.device("cpu"), "some failure")  # the CPU works: returns
+
+    class Exited(Exception):
+        pass
+
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(device, "device_is_healthy", lambda _device: False)
+    monkeypatch.setattr(device.os, "_exit", exit_)
+    with pytest.raises(Exited) as err:  # not in a restarted actor: the process ends so Ray starts a new one
+        device.exit_if_device_lost(torch.device("cuda"), "CUDA error: an illegal memory access was encountered")
+    assert err.value.args == (device.DEVICE_LOST_EXIT_CODE,)
+
+
 # ------------------------------------------------------------------------------------- jobs.common: the pool
 @pytest.fixture
 def cluster(monkeypatch):

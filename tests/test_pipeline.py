@@ -22,13 +22,13 @@ from attribution import models
 from attribution.images import decode_sample
 from attribution.methods import attribute
 from jobs.attribute import AttributeConfig, run
-from jobs.common import NON_TTY_PROGRESS_INTERVAL_S, JobError, log_progress_briefly
+from jobs.common import NON_TTY_PROGRESS_INTERVAL_S, JobError, log_progress_briefly, ray_failure_line
 from attribution.data.sample_sets import photo_samples
 from attribution.data.shards import write_shards
 from schemas.attributions import validate_attributions
 from workers.attribution_worker import WorkerConfig
 from workers.sink import OutputStore, maps_of, read_table
-from workers.testing import CrashOnceWorker
+from workers.testing import CrashOnceWorker, LostDeviceWorker
 from tests.tolerances import assert_maps_agree, network_atol, unit_roundoff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +167,34 @@ def test_actor_crash_once_loses_nothing(ray_session, photo_shards, tmp_path):
     assert sorted(k for k, _, _ in triples) == sorted(s.key for s in photo_samples())
     assert len(triples) == len(set(triples))
     assert summary["errors"] == 0
+
+
+def test_lost_gpu_restarts_the_actor_and_loses_nothing(ray_session, photo_shards, tmp_path):
+    """The actor's device stops working mid-run (as a CUDA context does after an illegal memory access): the actor
+    ends itself instead of turning every later sample into error rows; Ray restarts it and the batch is redone."""
+    config = lite0_config(photo_shards, tmp_path / "out", methods=("saliency",), targets="top1")
+    config.batch_size = 1
+    marker = tmp_path / "lost"
+    summary = run(config, LostDeviceWorker, {"marker": str(marker), "lose_on_call": 2})
+    assert marker.exists(), "the fault was not injected"
+    triples = key_triples(read_table(str(tmp_path / "out")))
+    assert sorted(k for k, _, _ in triples) == sorted(s.key for s in photo_samples()) and len(set(triples)) == 7
+    assert summary["errors"] == 0
+
+
+def test_gpu_lost_again_after_a_restart_stops_the_job_in_one_line(ray_session, photo_shards, tmp_path):
+    """Lost again in the restarted actor (a broken GPU, a fault that recurs): the job stops, with one line in the
+    manifest naming the device and the first failure, rather than restarting the actor forever."""
+    config = lite0_config(photo_shards, tmp_path / "out", methods=("saliency",), targets="top1")
+    config.batch_size = 1
+    with pytest.raises(Exception) as err:
+        run(config, LostDeviceWorker, {"marker": str(tmp_path / "lost"), "lose_on_call": 1, "again": True})
+    line = ray_failure_line(err.value)
+    assert line is not None and line.startswith("a Ray task stopped: cpu on ") and "\n" not in line
+    assert line.endswith("stopped working again after the actor was restarted (saliency: CUDA error: an illegal "
+                         "memory access was encountered)")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["failure"] == line
 
 
 def test_killed_run_resumes_to_the_same_result(ray_session, tmp_path):

@@ -19,7 +19,8 @@ from attribution.precision import compute_precision
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from schemas.maps import MapLayout
 from workers.batches import DecodedBatch, error_row
-from workers.device import device_images, is_out_of_memory, load_model, release_cached_memory
+from workers.device import (device_images, exit_if_device_lost, is_out_of_memory, load_model,
+                            release_cached_memory)
 
 TARGET_KINDS = ("label", "top1", "top5")
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ class AttributionWorker:
                 log.warning("%s ran out of memory on %d images at once (%s); now %d per call", method, stop - start,
                             reason, size)
                 continue
+            exit_if_device_lost(self.spec.device, f"{method}: {reason}")  # a dead GPU: no error rows, a new actor
             if isinstance(targets, TopKTargets):  # find the culprit(s): retry one sample at a time
                 self._forward(images, targets)
                 targets = targets.classes

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 
 import numpy as np
 import torch
@@ -97,6 +98,50 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
 
 
+class DeviceLostError(RuntimeError):
+    """An actor's GPU stopped working again after Ray restarted the actor: the job stops (:func:`exit_if_device_lost`)."""
+
+
+DEVICE_LOST_EXIT_CODE = 75  # the status an actor process ends with when its CUDA context is lost
+
+
+def device_is_healthy(device: torch.device) -> bool:
+    """False when ``device`` is a CUDA device whose context no longer works — after a sticky error (an illegal
+    memory access, a device-side assert, an uncorrectable ECC error) a synchronize or a one-element kernel fails;
+    always True on the CPU."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return bool((torch.ones(1, device=device) + 1).item() == 2)
+    except Exception:  # noqa: BLE001 -- whatever CUDA raises here means the context is gone
+        return False
+
+
+def exit_if_device_lost(device: torch.device, reason: str) -> None:
+    """Call after a failure on ``device`` (``reason``: its one-line message). If the device no longer works
+    (:func:`device_is_healthy`), every later batch of this process would fail too, and those failures would be
+    committed as error rows; instead the actor process ends (status DEVICE_LOST_EXIT_CODE), so that Ray starts a new
+    actor (a fresh CUDA context) and runs the batch again, as after any actor crash. An actor that Ray already
+    restarted raises DeviceLostError instead: a second loss means a broken GPU or a fault that recurs, and the job
+    stops with that line rather than restart forever (Ray Data restarts actors without limit). Returns when the
+    device works."""
+    if device_is_healthy(device):
+        return
+    restarted = False
+    try:
+        import ray
+        restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # noqa: BLE001 -- not in a Ray actor: treat as a first loss
+        pass
+    where = f"{device} on {platform.node()}"
+    if restarted:
+        raise DeviceLostError(f"{where} stopped working again after the actor was restarted ({reason})")
+    print(f"{where} stopped working ({reason}); ending this actor so that Ray restarts it", file=sys.stderr,
+          flush=True)
+    os._exit(DEVICE_LOST_EXIT_CODE)
+
+
 def release_cached_memory(device: torch.device) -> None:
     """Give the blocks PyTorch's CUDA allocator caches back to the device (after an out-of-memory error, so that a
     smaller retry starts from a defragmented pool); nothing on the CPU."""
@@ -114,5 +159,6 @@ def device_images(spec: models.ModelSpec, pixels: np.ndarray, channels_last: boo
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-__all__ = ["HALF_PRECISIONS", "device_images", "is_out_of_memory", "load_model", "release_cached_memory",
-           "resolve_device", "retain_freed_memory"]
+__all__ = ["DEVICE_LOST_EXIT_CODE", "DeviceLostError", "HALF_PRECISIONS", "device_images", "device_is_healthy",
+           "exit_if_device_lost", "is_out_of_memory", "load_model", "release_cached_memory", "resolve_device",
+           "retain_freed_memory"]

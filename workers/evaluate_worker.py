@@ -24,7 +24,7 @@ from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import PIXEL_NOISE, SOLVE_DTYPES, noise_for, road_curves
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
 from workers.batches import DecodedBatch, error_row
-from workers.device import device_images, load_model
+from workers.device import device_images, exit_if_device_lost, load_model
 from workers.map_metrics import (ATTRIBUTION_COLUMNS, MAP_METRICS, RowContext, map_metric_rows,
                                  sort_attribution_rows)
 from schemas.reader import OutputReader, maps_of
@@ -97,9 +97,13 @@ class EvaluateWorker:
         decoded = DecodedBatch(table)
         batch, rows, errors, good = decoded.columns, decoded.rows, decoded.errors, decoded.good
         if good:
+            reason = None
             try:
                 self._evaluate(batch, good, rows, errors)
-            except Exception:  # noqa: BLE001 -- a failure on one batch becomes error rows, not a failed job
+            except Exception as exc:  # noqa: BLE001 -- a failure on one batch becomes error rows, not a failed job
+                reason = error_reason(exc)
+            if reason is not None:
+                exit_if_device_lost(self.spec.device, reason)  # a dead GPU: no error rows, a new actor
                 for i in good:  # find the culprit(s): retry one sample at a time
                     rows[i], errors[i] = [], []
                     try:

@@ -17,7 +17,7 @@ from attribution.sanity import cascading_maps, randomisation_blocks, similarity_
 from schemas.attributions import ERROR_SCHEMA
 from schemas.metrics import SANITY_SCHEMA
 from workers.batches import DecodedBatch, error_row
-from workers.device import device_images, load_model
+from workers.device import device_images, exit_if_device_lost, load_model
 
 SANITY_TARGETS = ("top1", "label")
 FAILURES = Exception  # any failure of one method on one batch becomes error rows, not a failed job
@@ -123,10 +123,12 @@ class SanityWorker:
         """All methods in one cascade (one model copy); on failure per method, then per sample."""
         config = self.config
         kwargs = {"options": config.method_options, "seed": config.seed, "steps": config.steps}
+        reason = None
         try:
             return cascading_maps(self.spec, images, targets, config.methods, **kwargs)[1]
-        except FAILURES:
-            pass
+        except FAILURES as exc:
+            reason = error_reason(exc)
+        exit_if_device_lost(self.spec.device, reason)  # a dead GPU: no error rows, a new actor
         size = images.shape[-2:]
         out = torch.full((len(self.blocks) + 1, len(config.methods), len(chosen), *size), float("nan"),
                          device=images.device)

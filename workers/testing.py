@@ -24,3 +24,26 @@ class CrashOnceWorker(AttributionWorker):
             self.crash_marker.write_text(str(os.getpid()))
             os._exit(1)
         return super().__call__(table)
+
+
+class LostDeviceWorker(AttributionWorker):
+    """Loses its device on call ``lose_on_call`` as a GPU whose CUDA context dies would: in this process every method
+    fails from then on and the device reports itself unusable (workers.device.device_is_healthy). In the first actor
+    only, unless ``again``: then in the actor Ray restarts too. ``marker``: a file that records the first loss."""
+
+    def __init__(self, config: WorkerConfig, marker: str, lose_on_call: int = 2, again: bool = False) -> None:
+        super().__init__(config)
+        self.marker, self.lose_on_call, self.again = Path(marker), lose_on_call, again
+
+    def __call__(self, table: pa.Table):
+        if self.calls + 1 == self.lose_on_call and (self.again or not self.marker.exists()):
+            self.marker.write_text(str(os.getpid()))
+            import workers.attribution_worker as aw
+            import workers.device as device
+
+            def lost(*_args, **_kwargs):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            device.device_is_healthy = lambda _device: False
+            aw.attribute_with_extras = lost
+        return super().__call__(table)
