@@ -99,7 +99,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class DeviceLostError(RuntimeError):
-    """An actor's GPU stopped working again after Ray restarted the actor: the job stops (:func:`exit_if_device_lost`)."""
+    """An actor's GPU stopped working again after Ray restarted the actor: the job stops
+    (:func:`exit_if_device_lost`)."""
 
 
 DEVICE_LOST_EXIT_CODE = 75  # the status an actor process ends with when its CUDA context is lost
