@@ -16,6 +16,7 @@ from attribution.errors import AttributionError
 from attribution.methods.gradients import Saliency
 from attribution.methods.xrai import XRAI, segment_masks
 from attribution.models import Preprocessing
+from tests.tolerances import torch_threads
 
 RTOL = 1e-6
 SIZE = 64
@@ -91,6 +92,17 @@ def test_named_base_with_options_and_given_attributions(vgg11_bn, images):
     assert torch.equal(out.maps[:, 0], out.maps[:, 1])
     assert_matches(out.maps[:, :1], out.extras["ranks"][:, :1], pixels_hwc(vgg11_bn, images), given[:, None])
     assert torch.equal(XRAI(vgg11_bn).attribute(images, two, attributions=given).maps, out.maps)  # deterministic
+
+
+def test_images_on_threads_give_the_one_thread_maps(resnet18, images):
+    """The batch's images run on torch's thread count; each image's result is the one-thread result, bit for bit."""
+    given = torch.randn(4, 2, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([[3, 5], [250, 1], [0, 2], [998, 7]])
+    out = {}
+    for threads in (1, 3):
+        with torch_threads(threads):
+            out[threads] = XRAI(resnet18).attribute(images, targets, attributions=given, return_ranks=True)
+    assert torch.equal(out[1].maps, out[3].maps) and torch.equal(out[1].extras["ranks"], out[3].extras["ranks"])
 
 
 def test_bad_options(resnet18, images):

@@ -23,11 +23,17 @@ Decisions:
   one sparse (masks × pixels) product per iteration gives every mask's new-pixel count and attribution sum for all
   of the image's targets at once. A constant image (where the reference would divide by zero) is segmented as
   a constant [-1, 1]-range image, i.e. one segment per scale.
+- Speed: the per-image CPU part (segmentation, greedy) runs for the batch's images on torch's intra-op thread
+  count (``torch.get_num_threads()``: the actor's CPUs in the jobs), since Felzenszwalb and the sparse products
+  release the GIL. Given base maps for 4 photos at 224 px × 5 targets: 3.4 s on 1 thread, 2.1 s on 2 (1.65×, a
+  2-core CPU); bench.methods (ResNet-18, IG base, 2 threads): 1.17 -> 0.96 s/img. Each image's result is computed
+  as on one thread, so the maps do not change (tested bit for bit).
 - Extras: ``ranks`` [B(, T), H, W] int64 when ``return_ranks`` — the reference's flattened XRAI segments
   (1 = most important region, regions sorted by gain, uncovered pixels last).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -177,9 +183,12 @@ class XRAI(Method):
         pixels = self.spec.preprocessing.denormalise(images.detach().to("cpu", torch.float64))
         pixels = pixels.permute(0, 2, 3, 1).numpy()
         heat, ranks = np.empty((b, t, h, w)), np.empty((b, t, h, w), dtype=np.int64)
-        for i in range(b):
-            masks = segment_masks(pixels[i], dilation_radius)
-            heat[i], ranks[i] = xrai_greedy(base_maps[i], masks, min_pixel_diff)
+
+        def one_image(i: int) -> None:
+            heat[i], ranks[i] = xrai_greedy(base_maps[i], segment_masks(pixels[i], dilation_radius), min_pixel_diff)
+
+        with ThreadPoolExecutor(max(1, min(b, torch.get_num_threads()))) as pool:  # see the module docstring
+            list(pool.map(one_image, range(b)))
         maps = torch.from_numpy(heat).to(images.device, torch.float32)
         extras = {"ranks": torch.from_numpy(ranks).to(images.device)} if return_ranks else {}
         return Attribution(maps, extras)
