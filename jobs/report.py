@@ -272,7 +272,7 @@ def _combine(frames: Sequence[pd.DataFrame], dedup: list[str] | None, notes_to: 
     if not frames:
         return pd.DataFrame()
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if dedup:
+    if dedup and len(frames) > 1:  # one run's rows are unique (its commits are exactly once): no string copy of them
         keys = frame[dedup].astype(str)
         duplicated = keys.duplicated()
         if duplicated.any():

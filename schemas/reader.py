@@ -102,14 +102,16 @@ class OutputReader:
     def read(self, kind: str = "attributions", *, methods: Sequence[str] | None = None,
              keys: Sequence[str] | None = None, shards: Sequence[str] | None = None,
              targets: Sequence[int] | None = None, ranks: Sequence[int] | None = None,
-             columns: Sequence[str] | None = None, maps: str = "auto") -> pa.Table:
+             columns: Sequence[str] | None = None, maps: str = "auto", where: pc.Expression | None = None
+             ) -> pa.Table:
         """Committed rows of ``kind`` ("attributions", "metrics", "errors", "sanity") as one table.
 
         Filters (None = all): ``methods`` names, sample ``keys``, input ``shards`` (file names; only their files
         are opened), ``targets`` (class indices) and ``ranks`` (target rank among the top-5, 0 = top-1; attribution
         rows). ``columns``: the columns to read (default all). ``maps``: "auto" keeps maps as stored when the rows
         have one storage layout and brings several to float32 at the input size; "input" always does that;
-        "stored" refuses several. :func:`maps_of` turns either into the methods' values.
+        "stored" refuses several. :func:`maps_of` turns either into the methods' values. ``where``: a further Arrow
+        filter expression on the rows, applied while the files are read (rows it drops are never held in memory).
         """
         if kind not in TABLE_KINDS:
             raise ValueError(f"kind must be one of {', '.join(TABLE_KINDS)}, got {kind!r}")
@@ -121,6 +123,8 @@ class OutputReader:
             return empty.empty_table() if columns is None or not len(empty) else \
                 empty.empty_table().select(list(columns))
         predicate = _predicate(methods=methods, key=keys, target=targets, target_rank=ranks)  # shards: by file
+        if where is not None:
+            predicate = where if predicate is None else predicate & where
         wants_map = kind == "attributions" and (columns is None or "map" in columns)
         groups = self._layout_groups(files) if wants_map else {None: files}
         tables = {layout: self._read_files(group, predicate, columns) for layout, group in groups.items()}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pytest
 
@@ -100,6 +101,9 @@ def test_filters_equal_filtering_the_whole_table(local_run, shard_uris):
         ({"shards": [Path(shard_uris[1]).name]}, whole["shard"] == Path(shard_uris[1]).name),
         ({"methods": ["saliency"], "ranks": [0, 1], "keys": [key]},
          (whole["method"] == "saliency") & whole["target_rank"].isin([0, 1]) & (whole["key"] == key)),
+        ({"where": pc.field("target_rank") >= 3}, whole["target_rank"] >= 3),
+        ({"methods": ["gradcam"], "where": (pc.field("target_kind") != "top5") | (pc.field("target_rank") == 0)},
+         (whole["method"] == "gradcam") & (whole["target_rank"] == 0)),
     ]
     for filters, mask in cases:
         got = run.read(**filters).to_pandas()

@@ -224,6 +224,29 @@ def test_runs_are_combined_and_curves_averaged(toy_report):
     assert not (toy_report / "figures" / "curves_toy2_lerf.png").exists()
 
 
+def test_only_the_primary_maps_rows_are_loaded(toy_runs):
+    """A top-5 run's other maps' rows enter no aggregate (rank 1 here): they are dropped while the files are read."""
+    from jobs.reporting.runs import load_run
+
+    rows = load_run(str(toy_runs["toy"])).rows
+    assert len(rows) == sum(1 for r in toy_rows() if r["target_rank"] == 0) and set(rows["target_rank"]) == {0}
+
+
+def test_report_scale_bench_dry_run(tmp_path):
+    """bench.report_scale end to end on a few synthetic images: the runs it writes are what it says, and the report
+    over them is measured in a child process."""
+    from bench import report_scale
+
+    out = tmp_path / "report_scale.json"
+    assert report_scale.main(["--images", "6", "12", "--methods", "2", "--shard-size", "5", "--curve-steps", "3",
+                              "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for entry, images in zip(result["results"], (6, 12)):
+        assert entry["metric_rows"] == images * 2 * 15 and entry["attribution_rows"] == images * 2 * 5
+        assert entry["seconds"] > 0 and entry["peak_rss_bytes"] > 2 ** 20
+    assert result["extrapolated"]["images"] == 50_000
+
+
 def test_runs_table_says_what_the_times_were_measured_on(toy_report):
     runs = pd.read_csv(toy_report / "tables" / "runs.csv", keep_default_na=False)
     runs["run"] = runs["path"].map(lambda p: Path(p).name)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 
 from attribution.metrics.protocols import ebpg_protocol, ibd_auc_protocol
 
@@ -57,8 +58,13 @@ class Protocol:
     ibd_keep: float = 0.5
 
 
+# The primary maps' rows as an Arrow filter (what :func:`primary_rows` keeps): for reading only those rows of a run
+PRIMARY = (pc.field("target_kind") != "top5") | (pc.field("target_rank") == 0)
+
+
 def primary_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the primary maps (see the module docstring): target_kind != 'top5' or target_rank == 0."""
+    """The rows of the primary maps (see the module docstring): target_kind != 'top5' or target_rank == 0 (as
+    :data:`PRIMARY`)."""
     if frame.empty:
         return frame
     return frame[(frame["target_kind"] != "top5") | (frame["target_rank"] == 0)]

@@ -1,6 +1,7 @@
 """Reading the output directories the report is built from: evaluate, attribute and sanity runs.
 
-A run is recognised by ``manifest.json``'s ``"job"``. Only committed rows are read (``schemas.reader``);
+A run is recognised by ``manifest.json``'s ``"job"``. Only committed rows are read (``schemas.reader``), and of an
+evaluate or attribute run only the primary maps' rows (jobs.reporting.aggregates.PRIMARY);
 the sanity job's rows are read from its committed files when it keeps commit records, else from every Parquet
 file under ``sanity/``. Maps are never loaded here (the grids fetch the few they draw).
 """
@@ -16,21 +17,24 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.common import JobError
+from jobs.reporting.aggregates import PRIMARY
 from workers.shards import shard_name
-from schemas.reader import OutputReader, read_table
+from schemas.reader import OutputReader
 from schemas.storage import StorageError, first_line
 
 KINDS = ("evaluate", "attribute", "sanity")
-# Attribution columns the report needs (everything but the heavy ones: map, fmi, layers, boxes).
-ATTRIBUTION_COLUMNS = ["key", "shard", "model", "weights", "method", "options", "target", "target_kind",
-                       "target_rank", "label", "top5", "top5_prob", "map_scale", "seconds"]
+# Attribution columns the report keeps in memory for every row: what the times (aggregates) and the grid's choice of
+# images need. The grid reads its few images' maps, targets and top-5 itself; at ImageNet scale (4 million rows for 16
+# methods x top-5) each further list column costs ~0.9 GB as pandas objects (bench/report_scale.py).
+ATTRIBUTION_COLUMNS = ["key", "shard", "model", "weights", "method", "options", "target_kind", "target_rank",
+                       "seconds"]
 SANITY_FIGURE_SUFFIX = ".png"
 
 
 @dataclass
 class Run:
-    """One output directory. ``rows``: its committed table as pandas (metric rows for evaluate, attribution
-    metadata without maps for attribute, similarity rows for sanity); ``dataset_metrics``: evaluate's
+    """One output directory. ``rows``: its committed table as pandas (the primary maps' metric rows for evaluate,
+    their attribution metadata without maps for attribute, similarity rows for sanity); ``dataset_metrics``: evaluate's
     dataset-level rows (may be empty); ``figures``: PNG files at a sanity run's root (URIs/paths)."""
 
     kind: str
@@ -129,13 +133,17 @@ def load_run(uri: str) -> Run:
 
 
 def _evaluate_run(uri: str, store: OutputReader, manifest: dict) -> Run:
-    table = read_table(uri, "metrics")
+    # only the primary maps' rows enter the report (aggregates module docstring): the others of a top-5 run (~half
+    # of its rows: EBPG and IBD of the other 4 maps) are dropped while the files are read
+    table = store.read("metrics", where=PRIMARY)
     if table.num_rows == 0:
         raise JobError(f"{uri} is an empty evaluate run: no committed metric rows (run or finish jobs.evaluate)")
     dataset = pd.DataFrame()
     path = store.path("dataset_metrics.parquet")
     if store.fs.get_file_info(path).type == pafs.FileType.File:
         dataset = pq.read_table(path, filesystem=store.fs).to_pandas()
+    # only the primary maps' rows enter the report (aggregates module docstring): the others of a top-5 run (~half
+    # of its rows: EBPG and IBD of the other 4 maps) never become pandas objects
     return Run("evaluate", uri, manifest, table.to_pandas(), dataset)
 
 
@@ -143,7 +151,7 @@ def _attribute_run(uri: str, store: OutputReader, manifest: dict) -> Run:
     files = store.committed_files("attributions")
     if not files:
         raise JobError(f"{uri} is an empty attribution run: no committed shards (run or finish jobs.attribute)")
-    table = store.read(columns=ATTRIBUTION_COLUMNS)
+    table = store.read(columns=ATTRIBUTION_COLUMNS, where=PRIMARY)  # a top-5 run: 1 row in 5
     if table.num_rows == 0:
         raise JobError(f"{uri} is an empty attribution run: its committed shards hold no maps")
     return Run("attribute", uri, manifest, table.to_pandas())
