@@ -157,28 +157,22 @@ def test_one_dataset_per_shard_gives_the_same_maps(ray_session, full_run, photo_
     assert_maps_agree(maps_of(per_shard), reference, atol, what="gbp, one dataset per shard")
 
 
-def test_actor_crash_once_loses_nothing(ray_session, photo_shards, tmp_path):
+@pytest.mark.parametrize("worker_cls, fault", [
+    (CrashOnceWorker, {"crash_marker": "MARKER", "crash_on_call": 2}),
+    # the device stops working mid-run (as a CUDA context does after an illegal memory access): the actor ends
+    # itself instead of turning every later sample into error rows
+    (LostDeviceWorker, {"marker": "MARKER", "lose_on_call": 2}),
+], ids=["crash", "lost_device"])
+def test_actor_that_dies_once_loses_nothing(ray_session, photo_shards, tmp_path, worker_cls, fault):
+    """Ray restarts the actor and the batch is redone: every row exactly once, no error row."""
     config = lite0_config(photo_shards, tmp_path / "out", methods=("saliency",), targets="top1")
     config.batch_size = 1
-    marker = tmp_path / "crashed"
-    summary = run(config, CrashOnceWorker, {"crash_marker": str(marker), "crash_on_call": 2})
+    marker = tmp_path / "fault"
+    summary = run(config, worker_cls, {k: str(marker) if v == "MARKER" else v for k, v in fault.items()})
     assert marker.exists(), "the fault was not injected"
     triples = key_triples(read_table(str(tmp_path / "out")))
     assert sorted(k for k, _, _ in triples) == sorted(s.key for s in photo_samples())
     assert len(triples) == len(set(triples))
-    assert summary["errors"] == 0
-
-
-def test_lost_gpu_restarts_the_actor_and_loses_nothing(ray_session, photo_shards, tmp_path):
-    """The actor's device stops working mid-run (as a CUDA context does after an illegal memory access): the actor
-    ends itself instead of turning every later sample into error rows; Ray restarts it and the batch is redone."""
-    config = lite0_config(photo_shards, tmp_path / "out", methods=("saliency",), targets="top1")
-    config.batch_size = 1
-    marker = tmp_path / "lost"
-    summary = run(config, LostDeviceWorker, {"marker": str(marker), "lose_on_call": 2})
-    assert marker.exists(), "the fault was not injected"
-    triples = key_triples(read_table(str(tmp_path / "out")))
-    assert sorted(k for k, _, _ in triples) == sorted(s.key for s in photo_samples()) and len(set(triples)) == 7
     assert summary["errors"] == 0
 
 
