@@ -164,22 +164,13 @@ def read_shards(uris: list[str]):
     return ray.data.read_datasource(WebDatasetShards(uris), override_num_blocks=len(uris), num_cpus=READ_CPUS)
 
 
-def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_config: Any,
-                preprocessing, worker_kwargs: dict | None = None, gpu_batch: int = 32, cpu_batch: int = 8):
-    """raw sample rows -> decode (CPU tasks) -> ``worker_cls(config=…)`` in an actor pool sized for the connected
-    cluster. ``worker_config``: a dataclass with ``threads`` and ``device`` fields; threads default to the actor's
-    CPUs, the device to "cuda" when the actors hold GPUs (an actor whose torch sees none then fails to start, rather
-    than run on one CPU thread) and "cpu" when not. GPUs that can never come fail here in one line
-    (jobs.common.check_gpu_request); the pool's plan is printed as one line. Returns (the Ray dataset of the
-    actors' rows, the actor batch size).
-
-    Prefetching is Ray Data's: each actor has 2 batches in flight (its max_concurrency 1 x
-    RAY_DATA_ACTOR_DEFAULT_MAX_TASKS_IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR 2), so the next decoded batch is already
-    at the actor while one computes, and decode tasks scale out over the node's free CPUs. On 2 CPUs one actor
-    with 1 thread is the fastest setting measured (bench/scale.py: 1 actor x 1 CPU and 2 actors x 0.5 CPU both
-    416 img/s on 20,000 64-px images; 2 actors x 0.75 CPU 293 vs 306 img/s on 10,000)."""
-    import ray
-
+def actor_plan(settings: ActorJobSettings, worker_config: Any, gpu_batch: int = 32, cpu_batch: int = 8
+               ) -> tuple[float, int, float, int, Any]:
+    """(GPUs per actor, actors, CPUs per actor, batch size, the actors' copy of ``worker_config``) for the connected
+    cluster (jobs.common.actor_resources), checked (jobs.common.check_gpu_request: GPUs that can never come are one
+    JobError line) and printed as one line, with a warning line where one applies. The copy's threads default to the
+    actor's CPUs, its device to "cuda" when the actors hold GPUs (an actor whose torch sees none then fails to start,
+    rather than run on one CPU thread) and "cpu" when not."""
     gpus, workers, cpus, batch_size = actor_resources(settings.gpus_per_worker, settings.workers,
                                                       settings.cpus_per_worker, settings.batch_size,
                                                       gpu_batch=gpu_batch, cpu_batch=cpu_batch,
@@ -195,6 +186,23 @@ def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_co
         say(warning)
     say(f"actors: {workers} x ({gpus:g} GPU, {cpus:g} CPU, {config.threads} threads) on {config.device}, "
         f"batches of {batch_size}")
+    return gpus, workers, cpus, batch_size, config
+
+
+def actor_stage(dataset, settings: ActorJobSettings, worker_cls: type, worker_config: Any,
+                preprocessing, worker_kwargs: dict | None = None, gpu_batch: int = 32, cpu_batch: int = 8):
+    """raw sample rows -> decode (CPU tasks) -> ``worker_cls(config=…)`` in an actor pool sized for the connected
+    cluster (:func:`actor_plan`). ``worker_config``: a dataclass with ``threads`` and ``device`` fields. Returns (the
+    Ray dataset of the actors' rows, the actor batch size).
+
+    Prefetching is Ray Data's: each actor has 2 batches in flight (its max_concurrency 1 x
+    RAY_DATA_ACTOR_DEFAULT_MAX_TASKS_IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR 2), so the next decoded batch is already
+    at the actor while one computes, and decode tasks scale out over the node's free CPUs. On 2 CPUs one actor
+    with 1 thread is the fastest setting measured (bench/scale.py: 1 actor x 1 CPU and 2 actors x 0.5 CPU both
+    416 img/s on 20,000 64-px images; 2 actors x 0.75 CPU 293 vs 306 img/s on 10,000)."""
+    import ray
+
+    gpus, workers, cpus, batch_size, config = actor_plan(settings, worker_config, gpu_batch, cpu_batch)
     rows = (dataset
             .map_batches(decode_batch, fn_kwargs={"preprocessing": preprocessing}, batch_format="pyarrow",
                          batch_size=batch_size, num_cpus=0.5)

@@ -125,11 +125,36 @@ def test_connected_cluster_without_gpus_is_told_so(cluster):
     assert check_gpu_request(0.5, 4, embedded=False) is None
 
 
+def test_gpu_actors_compute_on_cuda_and_cpu_actors_on_the_cpu(cluster, monkeypatch, capsys):
+    """The actors' copy of the config names their device: "cuda" where they hold a GPU (before: None, which an actor
+    whose torch sees no GPU turned into a silent CPU run), "cpu" where not; the caller's config is left alone."""
+    from jobs import scaffold
+    from jobs.scaffold import ActorJobSettings, actor_plan
+    from workers.attribution_worker import WorkerConfig
+
+    monkeypatch.setattr(scaffold, "ray_is_embedded", lambda: False)
+    mine = WorkerConfig(model="resnet18")
+    cluster["resources"] = {"CPU": 16.0, "GPU": 2.0}
+    gpus, workers, cpus, batch, config = actor_plan(ActorJobSettings(), mine)
+    assert (gpus, workers, cpus, batch, config.device, config.threads) == (1, 2, 1, 32, "cuda", 1)
+    assert mine.device is None and mine.threads is None
+    assert capsys.readouterr().out == "actors: 2 x (1 GPU, 1 CPU, 1 threads) on cuda, batches of 32\n"
+    forced = actor_plan(ActorJobSettings(quiet=True), WorkerConfig(model="resnet18", device="cpu"))
+    assert forced[0] == 0 and forced[4].device == "cpu"  # --device cpu holds no GPU
+    cluster["resources"] = {"CPU": 4.0}
+    gpus, workers, cpus, batch, config = actor_plan(ActorJobSettings(), mine)
+    assert (gpus, workers, cpus, batch, config.device, config.threads) == (0, 1, 3, 8, "cpu", 3)
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: the cluster has no GPU now, so the actors run on CPUs; for GPU nodes that an autoscaler starts on "
+        "demand pass --gpus-per-worker 1 --workers N", "actors: 1 x (0 GPU, 3 CPU, 3 threads) on cpu, batches of 8"]
+
+
 # ------------------------------------------------------------------------------------------ end to end (CLI)
+@pytest.mark.slow
 def test_gpu_actor_whose_torch_sees_no_gpu_fails_in_one_line(tmp_path):
     """Ray gives the actor a GPU (a declared one, hidden from torch): before, the actor silently ran the job on
     the CPU and the manifest said "complete". Now the job stops with one line naming torch and the manifest says
-    why."""
+    why. Slow (~25 s: its own Ray, with a GPU declared); the device choice itself is tested above."""
     from attribution.data.sample_sets import photo_samples
     from attribution.data.shards import write_shards
 
