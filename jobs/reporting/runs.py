@@ -23,9 +23,9 @@ from schemas.reader import OutputReader
 from schemas.storage import StorageError, first_line
 
 KINDS = ("evaluate", "attribute", "sanity")
-# Attribution columns the report keeps in memory for every row: what the times (aggregates) and the grid's choice of
-# images need. The grid reads its few images' maps, targets and top-5 itself; at ImageNet scale (4 million rows for 16
-# methods x top-5) each further list column costs ~0.9 GB as pandas objects (bench/report_scale.py).
+# Attribution columns the report keeps in memory for every primary row: what the times (aggregates) and the grid's
+# choice of images need. The grid reads its few images' maps, targets and top-5 itself; a list column such as top5 costs
+# ~115 bytes a row as pandas objects (73 MB for 640,000 rows, bench/report_scale.py's 8,000 images).
 ATTRIBUTION_COLUMNS = ["key", "shard", "model", "weights", "method", "options", "target_kind", "target_rank",
                        "seconds"]
 SANITY_FIGURE_SUFFIX = ".png"
