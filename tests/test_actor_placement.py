@@ -63,9 +63,25 @@ def test_a_working_device_is_left_alone_and_a_lost_one_ends_the_process(monkeypa
 
     monkeypatch.setattr(device, "device_is_healthy", lambda _device: False)
     monkeypatch.setattr(device.os, "_exit", exit_)
-    with pytest.raises(Exited) as err:  # not in a restarted actor: the process ends so Ray starts a new one
-        device.exit_if_device_lost(torch.device("cuda"), "CUDA error: an illegal memory access was encountered")
+    reason = "CUDA error: an illegal memory access was encountered"
+    with pytest.raises(device.DeviceLostError, match=r"^cuda on .* stopped working \(CUDA error: an illegal"):
+        device.exit_if_device_lost(torch.device("cuda"), reason)  # not in a Ray actor: an exception for the caller
+    import ray
+
+    class Context:
+        was_current_actor_reconstructed = False
+
+        def get_actor_id(self):
+            return "an actor"
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    with pytest.raises(Exited) as err:  # a first loss in an actor: the process ends, so Ray starts a new one
+        device.exit_if_device_lost(torch.device("cuda"), reason)
     assert err.value.args == (device.DEVICE_LOST_EXIT_CODE,)
+    Context.was_current_actor_reconstructed = True
+    with pytest.raises(device.DeviceLostError, match="stopped working again after the actor was restarted"):
+        device.exit_if_device_lost(torch.device("cuda"), reason)
 
 
 # ------------------------------------------------------------------------------------- jobs.common: the pool

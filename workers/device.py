@@ -125,17 +125,23 @@ def exit_if_device_lost(device: torch.device, reason: str) -> None:
     committed as error rows; instead the actor process ends (status DEVICE_LOST_EXIT_CODE), so that Ray starts a new
     actor (a fresh CUDA context) and runs the batch again, as after any actor crash. An actor that Ray already
     restarted raises DeviceLostError instead: a second loss means a broken GPU or a fault that recurs, and the job
-    stops with that line rather than restart forever (Ray Data restarts actors without limit). Returns when the
-    device works."""
+    stops with that line rather than restart forever (Ray Data restarts actors without limit). Outside a Ray actor
+    (a worker called in-process, e.g. by a benchmark) it raises DeviceLostError too. Returns when the device
+    works."""
     if device_is_healthy(device):
         return
-    restarted = False
+    in_actor = restarted = False
     try:
         import ray
-        restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
-    except Exception:  # noqa: BLE001 -- not in a Ray actor: treat as a first loss
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            in_actor = context.get_actor_id() is not None
+            restarted = in_actor and context.was_current_actor_reconstructed
+    except Exception:  # noqa: BLE001 -- no Ray context to ask: not an actor
         pass
     where = f"{device} on {platform.node()}"
+    if not in_actor:
+        raise DeviceLostError(f"{where} stopped working ({reason})")
     if restarted:
         raise DeviceLostError(f"{where} stopped working again after the actor was restarted ({reason})")
     print(f"{where} stopped working ({reason}); ending this actor so that Ray restarts it", file=sys.stderr,
