@@ -123,7 +123,6 @@ class SanityWorker:
         """All methods in one cascade (one model copy); on failure per method, then per sample."""
         config = self.config
         kwargs = {"options": config.method_options, "seed": config.seed, "steps": config.steps}
-        reason = None
         try:
             return cascading_maps(self.spec, images, targets, config.methods, **kwargs)[1]
         except FAILURES as exc:

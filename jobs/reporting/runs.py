@@ -142,8 +142,6 @@ def _evaluate_run(uri: str, store: OutputReader, manifest: dict) -> Run:
     path = store.path("dataset_metrics.parquet")
     if store.fs.get_file_info(path).type == pafs.FileType.File:
         dataset = pq.read_table(path, filesystem=store.fs).to_pandas()
-    # only the primary maps' rows enter the report (aggregates module docstring): the others of a top-5 run (~half
-    # of its rows: EBPG and IBD of the other 4 maps) never become pandas objects
     return Run("evaluate", uri, manifest, table.to_pandas(), dataset)
 
 
