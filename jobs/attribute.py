@@ -2,6 +2,7 @@
 
     python -m jobs.attribute --shards 'runs/sample_shards/photos-{000000..000001}.tar' \\
         --model efficientnet_lite0 --weights imagenet --methods tr_gbp,a_fmi --targets top5 --out runs/maps
+    python -m jobs.attribute … --plan [plan.json]     # forecast the run's time and storage first (jobs.plan)
 
 The pipeline reads like a sentence: read shards -> decode on CPU -> attribute in actors that each pin one model on
 one GPU (or CPU) -> write parts -> the driver commits each shard once all its samples are written. A rerun with the
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 from attribution import models
 from jobs.common import JobError, expand_shards, fail
+from jobs.plan import run_plan
 from jobs.scaffold import (ActorJobSettings, ShardedRun, actor_settings, actor_stage, add_actor_arguments,
                            add_model_arguments, add_shards_argument, check_methods, parse_method_options,
                            parse_methods, read_shards, require_at_least_one, run_cli)
@@ -36,10 +38,13 @@ class AttributeConfig(ActorJobSettings):
     worker: WorkerConfig
     format: str = "parquet"
     extra: dict[str, Any] = field(default_factory=dict)
+    plan: str | None = None  # --plan: "" prints the forecast (jobs.plan), a path also writes it as JSON; no run
+    plan_batches: int = 2
 
 
 def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kwargs: dict | None = None) -> dict:
-    """Run (or resume) an attribution job; returns the summary that is also written to the manifest.
+    """Run (or resume) an attribution job; returns the summary that is also written to the manifest. With
+    ``config.plan`` set, only forecast the run (jobs.plan.run_plan) and return the forecast.
 
     ``worker_cls``/``worker_kwargs``: the actor class and extra constructor arguments (fault-injection tests).
     """
@@ -51,6 +56,10 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kw
         except ValueError as exc:
             raise JobError(f"--map-size/--map-dtype for {method}: {exc}") from None
     uris = expand_shards(config.shards)
+    if config.plan is not None:
+        return run_plan(config, config.worker, uris, config.out, models.preprocessing_for(config.worker.model,
+                        config.worker.weights), worker_cls, config.plan_batches, FORMATS[config.format],
+                        config.plan or None)
     job = ShardedRun("attribute", config.out, _config_key(config), uris, config)
     job.say(f"{len(uris)} shards, {job.already_committed} already committed, {len(job.pending)} to do -> "
             f"{config.out}")
@@ -93,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
                         "q·scale/255), per method with METHOD=DTYPE, e.g. int8,saliency=uint8")
     p.add_argument("--fmi", action="store_true", help="store A-FMI's FMI vectors")
     p.add_argument("--layers", action="store_true", help="store TR-GBP's per-layer maps")
+    p.add_argument("--plan", nargs="?", const="", default=None, metavar="JSON",
+                   help="do not run: time the first batches of the first shard to do in one actor and forecast the "
+                        "run (time and bytes per method, wall time, output size, CPUs per actor); with JSON, also "
+                        "write the forecast there")
+    p.add_argument("--plan-batches", type=int, default=2,
+                   help="batches --plan times (default 2: the first is the warm-up)")
     add_actor_arguments(p, precision_help="compute precision of the forward/backward passes (bf16/fp16: autocast); "
                         "maps are float32", overwrite_help="delete previous outputs in --out first")
     a = p.parse_args(argv)
@@ -100,13 +115,14 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
     if a.model not in models.MODEL_NAMES:
         fail(f"unknown model {a.model!r}; known: {', '.join(models.MODEL_NAMES)}")
     options = parse_method_options(a.method_options, example='{"a_fmi": {"reference": "white"}}')
-    require_at_least_one(a, ("batch_size", "workers", "shards_per_dataset"))
+    require_at_least_one(a, ("batch_size", "workers", "shards_per_dataset", "plan_batches"))
     map_size, map_sizes = per_method("--map-size", a.map_size, methods, _map_size)
     map_dtype, map_dtypes = per_method("--map-dtype", a.map_dtype, methods, _map_dtype)
     worker = WorkerConfig(model=a.model, weights=a.weights, methods=methods, method_options=options,
                           targets=a.targets, map_dtype=map_dtype or "float16", map_size=map_size, map_sizes=map_sizes,
                           map_dtypes=map_dtypes, precision=a.precision, fmi=a.fmi, layers=a.layers, device=a.device)
-    return AttributeConfig(shards=a.shards, out=a.out, worker=worker, format=a.format, **actor_settings(a))
+    return AttributeConfig(shards=a.shards, out=a.out, worker=worker, format=a.format, plan=a.plan,
+                           plan_batches=a.plan_batches, **actor_settings(a))
 
 
 def per_method(flag: str, text: str | None, methods: list[str], cast: Callable[[str], Any]) -> tuple[Any, dict]:

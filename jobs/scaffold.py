@@ -218,8 +218,8 @@ def run_cli(config: Any, run: Callable[[Any], Any]) -> int:
     torch, a GPU lost twice …) exit with one error line and status 2; returns 0."""
     try:
         run(config)
-    except (JobError, AttributionError, StorageError) as exc:
-        fail(str(exc))
+    except (JobError, AttributionError, StorageError) as exc:  # also Ray's error from a task that raised one
+        fail(ray_failure_line(exc) or str(exc))
     except Exception as exc:
         line = ray_failure_line(exc)
         if line is None:

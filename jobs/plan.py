@@ -1,0 +1,187 @@
+"""``--plan``: what a run will cost, measured on its own hardware before it starts.
+
+One Ray task with the resources of one of the run's actors (so on a cluster it lands where the actors would, on a
+GPU node, with the same device and precision) runs the first batches of the first shard still to do through the job's
+own steps (workers.trial: read, decode, the actor class, the write step into a temporary directory). From that, and
+the number of images still to do (counted from the ``shards.json`` that jobs.make_shards writes beside the shards,
+else assumed equal to the tried shard's), the driver forecasts per method: seconds per image, share of the actors'
+time, maps per image, stored bytes per map, actor-hours and output bytes for the whole run; and for the run: its
+wall time with the pool's actors, and the CPUs the read, decode and write steps need per actor to keep pace.
+
+Assumptions, printed with the table: the steady state is the batches after the first (the first pays the warm-up;
+with one batch its time is used, flagged); the actors scale linearly (one per GPU they do: nothing is shared but the
+network and the output store); the write step was timed into a local temporary directory (to an object store it
+also uploads, which costs bandwidth, not much CPU). Nothing is written to ``--out``.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import defaultdict
+from typing import Any, Callable
+
+from jobs.common import ensure_ray
+from jobs.scaffold import ActorJobSettings, actor_plan
+from schemas.storage import resolve_filesystem
+from workers.shards import shard_name
+from workers.sink import OutputStore
+from workers.trial import trial_batches
+
+SHARD_MANIFEST = "shards.json"  # what jobs.make_shards writes beside its shards (attribution.data.shards.MANIFEST)
+
+
+def shard_sizes(uris: list[str]) -> dict[str, int | None]:
+    """{shard URI: its number of samples} from the ``shards.json`` of each shard's directory (None where the shard
+    is not listed there or there is no such file; an unreadable one counts as none). One read per directory."""
+    listed: dict[str, dict[str, int]] = {}
+    sizes: dict[str, int | None] = {}
+    for uri in uris:
+        directory = posixpath.dirname(uri)
+        if directory not in listed:
+            listed[directory] = _listed_sizes(posixpath.join(directory, SHARD_MANIFEST))
+        sizes[uri] = listed[directory].get(shard_name(uri))
+    return sizes
+
+
+def _listed_sizes(manifest_uri: str) -> dict[str, int]:
+    try:
+        fs, path = resolve_filesystem(manifest_uri)
+        with fs.open_input_stream(path) as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+        return {entry["file"]: int(entry["samples"]) for shard_set in manifest.get("sets", {}).values()
+                for entry in shard_set.get("shards", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def forecast(settings: ActorJobSettings, worker_config: Any, uris: list[str], out: str, preprocessing: Any,
+             worker_cls: type, batches: int = 2, formats: tuple[str, ...] = ("parquet",),
+             trial: Callable[..., dict] = trial_batches) -> dict[str, Any]:
+    """Measure one actor's first ``batches`` batches of the first shard still to do and forecast the run of
+    ``uris`` into ``out`` (committed shards there are done already, unless ``settings.overwrite``).
+
+    Returns a JSON-able dict: ``shards``, ``shards_to_do``, ``images_to_do``, ``images_counted`` (images of shards
+    listed in a shards.json; the rest are assumed as large as the tried shard), ``actors`` ({workers, gpus, cpus,
+    batch_size, device, precision}), ``trial`` (workers.trial.trial_batches' measurements), ``steady`` (whether
+    batches after the first were timed), ``per_image`` (seconds per image: ``actor``, ``read``, ``decode``,
+    ``write``; ``cpus_per_actor``: the CPUs read + decode + write need per actor to keep pace), ``methods``
+    ({method: seconds_per_image, share, maps_per_image, bytes_per_map, actor_hours, output_bytes}), ``actor_hours``,
+    ``wall_hours`` (with the pool's actors), ``output_bytes`` (everything the write step stages, all formats),
+    ``warnings`` (lines)."""
+    store = OutputStore(out)
+    committed = set() if settings.overwrite else set(store.committed())
+    pending = [u for u in uris if shard_name(u) not in committed] or uris[:1]
+    to_do = [u for u in uris if shard_name(u) not in committed]
+    ensure_ray(settings.address)
+    import ray
+
+    gpus, workers, cpus, batch_size, config = actor_plan(settings, worker_config)
+    settings.say()(f"plan: trying {batches} batch{'es' * (batches > 1)} from {shard_name(pending[0])} on in one "
+                   f"actor ...")
+    task = ray.remote(trial).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)
+    measured = ray.get(task.remote(worker_cls, config, pending, preprocessing, batch_size, batches, formats))
+    sizes = shard_sizes(to_do)
+    counted = sum(n for n in sizes.values() if n is not None)
+    assumed = sum(1 for n in sizes.values() if n is None) * measured["shard_samples"]
+    plan = summarise(measured, counted + assumed, workers)
+    plan.update({"shards": len(uris), "shards_to_do": len(to_do), "images_to_do": counted + assumed,
+                 "images_counted": counted,
+                 "actors": {"workers": workers, "gpus": gpus, "cpus": cpus, "batch_size": batch_size,
+                            "device": config.device, "precision": config.precision}})
+    return plan
+
+
+def summarise(trial: dict[str, Any], images: int, workers: int) -> dict[str, Any]:
+    """The forecast for ``images`` images on ``workers`` actors from one actor's trial (workers.trial)."""
+    timed = trial["batches"][1:] or trial["batches"]
+    timed_images = sum(b["images"] for b in timed)
+    actor = sum(b["seconds"] for b in timed) / timed_images
+    per_image = {"actor": actor, "read": trial["read_seconds"] / max(1, trial["read_samples"]),
+                 "decode": trial["decode_seconds"] / trial["images"],
+                 "write": sum(b["write_seconds"] for b in timed) / timed_images}
+    per_image["cpus_per_actor"] = (per_image["read"] + per_image["decode"] + per_image["write"]) / actor
+    seconds: dict[str, float] = defaultdict(float)
+    for b in timed:
+        for method, entry in b["methods"].items():
+            seconds[method] += entry["seconds_per_image"] * b["images"] / timed_images
+    methods = {}
+    for method, rows in trial["method_rows"].items():
+        maps = rows / trial["images"]
+        methods[method] = {"seconds_per_image": seconds[method], "share": seconds[method] / actor,
+                           "maps_per_image": maps, "bytes_per_map": trial["method_bytes"][method] / rows,
+                           "actor_hours": seconds[method] * images / 3600,
+                           "output_bytes": trial["method_bytes"][method] / trial["images"] * images}
+    warnings = [f"warning: {m} ran out of device memory at {trial['batch_size']} images; it ran {n} per call "
+                f"(a smaller --batch-size may be faster)" for m, n in trial["chunk_sizes"].items()]
+    errors = sum(b["error_rows"] for b in trial["batches"])
+    if errors:
+        warnings.append(f"warning: the trial's {trial['images']} images gave {errors} error rows, e.g. "
+                        f"{trial['errors'][0] if trial['errors'] else '?'}")
+    return {"trial": trial, "steady": len(trial["batches"]) > 1, "per_image": per_image, "methods": methods,
+            "actor_hours": actor * images / 3600, "wall_hours": actor * images / 3600 / max(1, workers),
+            "output_bytes": trial["staged_bytes"] / trial["images"] * images, "warnings": warnings}
+
+
+def plan_lines(plan: dict[str, Any], out: str) -> list[str]:
+    """The forecast as printed: a header, one line per method, the run's totals and the assumptions."""
+    t, a, p = plan["trial"], plan["actors"], plan["per_image"]
+    first, rest = t["batches"][0], t["batches"][1:]
+    timing = (f"batch 1 (warm-up) {first['seconds']:.1f} s, then {_mean(rest, 'seconds'):.1f} s per batch"
+              if rest else f"one batch, {first['seconds']:.1f} s, warm-up included (only the steady state of "
+                           f"two or more batches is a forecast)")
+    memory = (f"; peak device memory {t['peak_device_bytes'] / 2**30:.1f} GiB"
+              if t["peak_device_bytes"] is not None else "")
+    counted = ("" if plan["images_counted"] == plan["images_to_do"] else
+               f" ({plan['images_to_do'] - plan['images_counted']:,} assumed: shards without a shards.json entry "
+               f"counted as {t['shard_samples']} images like the tried one)")
+    lines = [f"plan: {plan['shards']} shards, {plan['shards_to_do']} to do, {plan['images_to_do']:,} images{counted}",
+             f"trial: {t['images']} images in batches of {t['batch_size']} on {t['device_name']} ({t['device']}, "
+             f"{a['precision']}, {t['threads']} threads): {timing}{memory}",
+             f"{'method':<24}{'s/img':>9}{'share':>8}{'maps/img':>10}{'KiB/map':>9}{'actor time':>12}{'output':>10}"]
+    for method, m in sorted(plan["methods"].items(), key=lambda kv: -kv[1]["seconds_per_image"]):
+        lines.append(f"{method:<24}{m['seconds_per_image']:>9.4f}{m['share']:>8.0%}{m['maps_per_image']:>10.1f}"
+                     f"{m['bytes_per_map'] / 1024:>9.1f}{_duration(m['actor_hours']):>12}"
+                     f"{_size(m['output_bytes']):>10}")
+    lines.append(f"{'actor call (all methods)':<24}{p['actor']:>9.4f}{1:>8.0%}{'':>10}{'':>9}"
+                 f"{_duration(plan['actor_hours']):>12}{_size(plan['output_bytes']):>10}")
+    lines.append(f"outside the actors, per image: read {p['read']:.4f} s, decode {p['decode']:.4f} s, write "
+                 f"{p['write']:.4f} s of CPU: {p['cpus_per_actor']:.2f} CPUs per actor keep pace with it")
+    lines.append(f"forecast: {plan['images_to_do']:,} images on {a['workers']} actor{'s' * (a['workers'] > 1)} x "
+                 f"({a['gpus']:g} GPU, {a['cpus']:g} CPU): ~{_duration(plan['wall_hours'])} of compute, "
+                 f"~{_size(plan['output_bytes'])} to {out} (actors scale linearly; the write step was "
+                 f"timed to a local disk)")
+    return lines + plan["warnings"]
+
+
+def run_plan(settings: ActorJobSettings, worker_config: Any, uris: list[str], out: str, preprocessing: Any,
+             worker_cls: type, batches: int, formats: tuple[str, ...], json_path: str | None) -> dict[str, Any]:
+    """:func:`forecast`, printed (:func:`plan_lines`) and, with ``json_path``, written there as JSON."""
+    plan = forecast(settings, worker_config, uris, out, preprocessing, worker_cls, batches, formats)
+    for line in plan_lines(plan, out):
+        print(line, flush=True)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(plan, f, indent=1, default=str)
+    return plan
+
+
+def _mean(batches: list[dict], key: str) -> float:
+    return sum(b[key] for b in batches) / len(batches)
+
+
+def _size(num_bytes: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
+def _duration(hours: float) -> str:
+    if hours >= 48:
+        return f"{hours / 24:.1f} days"
+    if hours >= 1:
+        return f"{hours:.1f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
+
+
+__all__ = ["forecast", "plan_lines", "run_plan", "shard_sizes", "summarise"]

@@ -1,0 +1,121 @@
+"""jobs.attribute --plan (jobs.plan, workers.trial): the forecast's arithmetic, the image count from shards.json, and a
+forecast checked against the run it forecasts (rows, images and bytes; times are not asserted)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attribution.data.sample_sets import photo_samples
+from attribution.data.shards import write_manifest, write_shards
+from jobs.attribute import AttributeConfig, parse_args, run
+from jobs.common import expand_shards
+from jobs.plan import plan_lines, shard_sizes, summarise
+from workers.attribution_worker import WorkerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_trial(batch_seconds=(9.0, 2.0, 3.0), images=(4, 4, 2)) -> dict:
+    """A trial as workers.trial.trial_batches returns it: 3 batches (4, 4, 2 images), two methods."""
+    batches = []
+    for seconds, n in zip(batch_seconds, images):
+        batches.append({"images": n, "seconds": seconds, "write_seconds": 0.1 * n, "rows": 6 * n, "error_rows": 0,
+                        "methods": {"gbp": {"seconds_per_image": seconds / n * 0.75, "rows": 5 * n},
+                                    "gradcam": {"seconds_per_image": seconds / n * 0.25, "rows": n}}})
+    return {"device": "cpu", "device_name": "test", "threads": 1, "shard_samples": 10, "images": sum(images),
+            "batch_size": 4, "read_seconds": 0.5, "read_samples": 10, "decode_seconds": 1.0, "load_seconds": 0.1,
+            "batches": batches, "staged_bytes": 6_000_000, "method_bytes": {"gbp": 5_000_000, "gradcam": 800_000},
+            "method_rows": {"gbp": 50, "gradcam": 10}, "chunk_sizes": {}, "errors": [], "peak_device_bytes": None,
+            "peak_rss_bytes": 1}
+
+
+def test_forecast_uses_the_batches_after_the_warm_up():
+    plan = summarise(fake_trial(), images=36_000, workers=4)
+    actor = (2.0 + 3.0) / 6  # batches 2 and 3: 5 s for 6 images; batch 1 (9 s) is the warm-up
+    assert plan["steady"] and plan["per_image"]["actor"] == pytest.approx(actor)
+    assert plan["actor_hours"] == pytest.approx(actor * 36_000 / 3600)
+    assert plan["wall_hours"] == pytest.approx(actor * 36_000 / 3600 / 4)
+    gbp = plan["methods"]["gbp"]
+    assert gbp["seconds_per_image"] == pytest.approx(0.75 * actor)  # image-weighted over the steady batches
+    assert gbp["share"] == pytest.approx(0.75)
+    assert gbp["maps_per_image"] == 5 and gbp["bytes_per_map"] == 100_000
+    assert gbp["output_bytes"] == pytest.approx(5_000_000 / 10 * 36_000)
+    assert plan["output_bytes"] == pytest.approx(600_000 * 36_000)
+    p = plan["per_image"]
+    assert (p["read"], p["decode"], p["write"]) == pytest.approx((0.05, 0.1, 0.1))
+    assert p["cpus_per_actor"] == pytest.approx(0.25 / actor)
+
+
+def test_one_batch_is_used_and_flagged_and_memory_trouble_is_a_warning():
+    trial = fake_trial(batch_seconds=(8.0,), images=(4,))
+    trial.update(images=4, method_rows={"gbp": 20, "gradcam": 4}, chunk_sizes={"gbp": 2},
+                 errors=["k1: boom"])
+    trial["batches"][0]["error_rows"] = 1
+    plan = summarise(trial, images=100, workers=1)
+    assert not plan["steady"] and plan["per_image"]["actor"] == pytest.approx(2.0)
+    assert any("gbp ran out of device memory at 4 images; it ran 2 per call" in w for w in plan["warnings"])
+    assert any("1 error rows, e.g. k1: boom" in w for w in plan["warnings"])
+    plan.update(shards=3, shards_to_do=3, images_to_do=100, images_counted=100,
+                actors={"workers": 1, "gpus": 0, "cpus": 1, "batch_size": 4, "device": "cpu", "precision": "fp32"})
+    text = "\n".join(plan_lines(plan, "/out"))
+    assert "warm-up included" in text and "gbp" in text and "~3.3 min of compute" in text
+
+
+def test_shard_sizes_come_from_shards_json(tmp_path):
+    shard_set = write_shards(photo_samples(), tmp_path, "photos", 3, log=lambda *_: None)
+    write_manifest(tmp_path, [(shard_set, 3)])
+    uris = expand_shards([shard_set.pattern])
+    stray = tmp_path / "other" / "x-000000.tar"
+    stray.parent.mkdir()
+    stray.write_bytes(b"")
+    (stray.parent / "shards.json").write_text("{not json")
+    sizes = shard_sizes(uris + [str(stray)])
+    assert [sizes[u] for u in uris] == [s["samples"] for s in shard_set.shards]
+    assert sizes[str(stray)] is None
+
+
+def test_plan_arguments():
+    base = ["--shards", "x.tar", "--model", "resnet18", "--methods", "gbp", "--out", "/o"]
+    assert parse_args(base).plan is None
+    assert parse_args(base + ["--plan"]).plan == ""
+    assert parse_args(base + ["--plan", "p.json", "--plan-batches", "3"]).plan == "p.json"
+    done = subprocess.run([sys.executable, "-m", "jobs.attribute", *base, "--plan", "--plan-batches", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --plan-batches must be at least 1"]
+
+
+def test_forecast_matches_the_run(ray_session, tmp_path, capsys):
+    """The forecast's rows and bytes against the real run of the same config; the plan writes nothing to --out and,
+    once the run is committed, has nothing left to do."""
+    shard_set = write_shards(photo_samples(), tmp_path / "shards", "photos", 3, log=lambda *_: None)
+    write_manifest(tmp_path / "shards", [(shard_set, 3)])
+    out = tmp_path / "maps"
+    worker = WorkerConfig(model="efficientnet_lite0", weights="imagenet", methods=["gbp", "gradcam"], targets="top5")
+    config = AttributeConfig(shards=[shard_set.pattern], out=str(out), worker=worker, batch_size=2,
+                             plan=str(tmp_path / "plan.json"))
+    plan = run(config)
+    assert not out.exists()
+    assert json.loads((tmp_path / "plan.json").read_text())["images_to_do"] == plan["images_to_do"]
+    printed = capsys.readouterr().out
+    assert "forecast:" in printed and "gradcam" in printed
+    trial = plan["trial"]
+    assert trial["images"] == 4 and len(trial["batches"]) == 2 and trial["read_samples"] >= 4
+
+    config.plan = None
+    config.quiet = True
+    summary = run(config)
+    assert plan["images_to_do"] == summary["samples"] == shard_set.num_samples
+    methods = plan["methods"]
+    assert methods["gbp"]["maps_per_image"] == methods["gradcam"]["maps_per_image"] == 5
+    assert summary["maps_written"] == 10 * shard_set.num_samples
+    written = sum(f.stat().st_size for f in (out / "attributions").rglob("*.parquet"))
+    # compaction re-encodes a shard's parts in one file: the same columns and codec, so within a few per cent
+    assert plan["output_bytes"] == pytest.approx(written, rel=0.15)
+
+    config.plan = ""
+    assert run(config)["images_to_do"] == 0

@@ -1,0 +1,142 @@
+"""A few batches of a run, step by step, on the hardware one of the run's actors gets: the measurements that
+jobs.plan turns into a forecast of the whole run (time, storage, CPUs the read/decode/write steps need).
+
+The steps are the job's own — workers.shards.read_shard, workers.decode.decode_batch, the run's actor class, and
+workers.staging.write_parts into a temporary directory — called in sequence in one process, so each one's time is
+its own (in the job they overlap: decode and write run in CPU tasks beside the actors).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import resource
+import tempfile
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from workers.batches import ipc_tables
+from workers.decode import decode_batch
+from workers.shards import RAW_SCHEMA, read_shard
+from workers.sink import parquet_options
+from workers.staging import write_parts
+
+
+def trial_batches(worker_cls: type, worker_config: Any, uris: list[str], preprocessing: Any, batch_size: int,
+                  batches: int = 2, formats: tuple[str, ...] = ("parquet",)) -> dict[str, Any]:
+    """Run the first ``batches`` x ``batch_size`` samples of the shards ``uris`` (read in order, only as many as
+    needed) through the job's steps, timing each.
+
+    The first batch pays the warm-up (CUDA context, cuDNN autotuning, first allocations); later batches are the
+    steady state. Returns a JSON-able dict:
+
+    - ``device`` (e.g. ``"cuda:0"``), ``device_name`` (the GPU's name, or the CPU's), ``threads`` (torch's CPU
+      threads), ``shard_samples`` (samples in the first shard), ``images`` (samples tried), ``batch_size``;
+    - ``read_seconds`` and ``read_samples`` (the shards read whole: tar members to rows), ``decode_seconds`` (the
+      tried samples: JPEG to pixels), ``load_seconds`` (the actor's constructor: model load);
+    - ``batches``: per batch ``images``, ``seconds`` (the actor's call, device synchronised), ``write_seconds`` (the
+      write step: Parquet parts, plus NPZ where asked), ``rows``, ``error_rows``, and ``methods``: {method:
+      {``seconds_per_image`` (the worker's own timing: the method's batch time / images), ``rows``}};
+    - ``staged_bytes``: the bytes the write step staged for all tried images (every format asked for);
+    - ``method_bytes``: {method: Parquet bytes of all its tried rows, written alone with the job's options};
+    - ``method_rows``: {method: rows tried}; ``chunk_sizes``: {method: images per call} for methods that ran out of
+      memory at the full batch (see AttributionWorker); ``errors``: the first error rows' reasons (at most 5);
+    - ``peak_device_bytes`` (torch's peak allocation on a CUDA device; None on the CPU) and ``peak_rss_bytes``
+      (this process's peak resident set)."""
+    wanted = max(1, batch_size * batches)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    shard_samples = None
+    for uri in uris:
+        rows += read_shard(uri)
+        shard_samples = len(rows) if shard_samples is None else shard_samples
+        if len(rows) >= wanted:
+            break
+    read_seconds = time.perf_counter() - started
+    tried = rows[:wanted]
+    raw = pa.Table.from_pylist(tried, schema=RAW_SCHEMA)
+    started = time.perf_counter()
+    decoded = decode_batch(raw, preprocessing)
+    decode_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    worker = worker_cls(config=worker_config)
+    load_seconds = time.perf_counter() - started
+    device = worker.spec.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    measured: list[dict[str, Any]] = []
+    by_method: dict[str, list[pa.Table]] = {}
+    reasons: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="xai-plan-") as staging:
+        for b in range(math.ceil(decoded.num_rows / batch_size)):
+            part = decoded.slice(b * batch_size, batch_size)
+            _synchronize(device)
+            started = time.perf_counter()
+            out = worker(part)
+            _synchronize(device)
+            seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            write_parts(out, uri=staging, formats=formats)
+            write_seconds = time.perf_counter() - started
+            methods: dict[str, dict[str, float]] = {}
+            rows_of_batch = errors_of_batch = 0
+            for blob in out.column("attributions").to_pylist():
+                for table in ipc_tables(blob or b""):
+                    rows_of_batch += table.num_rows
+                    for method in dict.fromkeys(table.column("method").to_pylist()):
+                        mine = table.filter(pc.equal(table.column("method"), method))
+                        by_method.setdefault(method, []).append(mine)
+                        entry = methods.setdefault(method, {"seconds_per_image": 0.0, "rows": 0})
+                        entry["seconds_per_image"] = float(mine.column("seconds")[0].as_py())
+                        entry["rows"] += mine.num_rows
+            for blob in out.column("errors").to_pylist():
+                for table in ipc_tables(blob or b""):
+                    errors_of_batch += table.num_rows
+                    reasons += [f"{k}: {r}" for k, r in zip(table.column("key").to_pylist(),
+                                                             table.column("reason").to_pylist())]
+            measured.append({"images": part.num_rows, "seconds": seconds, "write_seconds": write_seconds,
+                             "rows": rows_of_batch, "error_rows": errors_of_batch, "methods": methods})
+        staged_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(staging) for f in files)
+    return {
+        "device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
+        "shard_samples": shard_samples, "images": decoded.num_rows, "batch_size": batch_size,
+        "read_seconds": read_seconds, "read_samples": len(rows), "decode_seconds": decode_seconds, "load_seconds": load_seconds,
+        "batches": measured, "staged_bytes": staged_bytes,
+        "method_bytes": {m: _parquet_bytes(pa.concat_tables(t)) for m, t in by_method.items()},
+        "method_rows": {m: sum(t.num_rows for t in tables) for m, tables in by_method.items()},
+        "chunk_sizes": dict(getattr(worker, "chunk_sizes", {})), "errors": reasons[:5],
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _parquet_bytes(table: pa.Table) -> int:
+    """Bytes of ``table`` written as one Parquet file with the options every staged part gets."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, **parquet_options(table.schema))
+    return sink.tell()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    import platform
+    return names[0] if names else (platform.processor() or platform.machine() or "cpu")
+
+
+__all__ = ["trial_batches"]
