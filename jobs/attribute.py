@@ -11,6 +11,7 @@ same --out skips committed shards; --overwrite starts again.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -38,8 +39,6 @@ class AttributeConfig(ActorJobSettings):
     worker: WorkerConfig
     format: str = "parquet"
     extra: dict[str, Any] = field(default_factory=dict)
-    plan: str | None = None  # --plan: "" prints the forecast (jobs.plan), a path also writes it as JSON; no run
-    plan_batches: int = 2
 
 
 def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kwargs: dict | None = None) -> dict:
@@ -58,8 +57,8 @@ def run(config: AttributeConfig, worker_cls: type = AttributionWorker, worker_kw
     uris = expand_shards(config.shards)
     if config.plan is not None:
         return run_plan(config, config.worker, uris, config.out, models.preprocessing_for(config.worker.model,
-                        config.worker.weights), worker_cls, config.plan_batches, FORMATS[config.format],
-                        config.plan or None)
+                        config.worker.weights), worker_cls, config.plan_batches, config.plan or None,
+                        write=functools.partial(write_parts, formats=FORMATS[config.format]))
     job = ShardedRun("attribute", config.out, _config_key(config), uris, config)
     job.say(f"{len(uris)} shards, {job.already_committed} already committed, {len(job.pending)} to do -> "
             f"{config.out}")
@@ -102,14 +101,8 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
                         "q·scale/255), per method with METHOD=DTYPE, e.g. int8,saliency=uint8")
     p.add_argument("--fmi", action="store_true", help="store A-FMI's FMI vectors")
     p.add_argument("--layers", action="store_true", help="store TR-GBP's per-layer maps")
-    p.add_argument("--plan", nargs="?", const="", default=None, metavar="JSON",
-                   help="do not run: time the first batches of the first shard to do in one actor and forecast the "
-                        "run (time and bytes per method, wall time, output size, CPUs per actor); with JSON, also "
-                        "write the forecast there")
-    p.add_argument("--plan-batches", type=int, default=2,
-                   help="batches --plan times (default 2: the first is the warm-up)")
     add_actor_arguments(p, precision_help="compute precision of the forward/backward passes (bf16/fp16: autocast); "
-                        "maps are float32", overwrite_help="delete previous outputs in --out first")
+                        "maps are float32", overwrite_help="delete previous outputs in --out first", plannable=True)
     a = p.parse_args(argv)
     methods = parse_methods(a.methods)
     if a.model not in models.MODEL_NAMES:
@@ -121,8 +114,7 @@ def parse_args(argv: list[str] | None = None) -> AttributeConfig:
     worker = WorkerConfig(model=a.model, weights=a.weights, methods=methods, method_options=options,
                           targets=a.targets, map_dtype=map_dtype or "float16", map_size=map_size, map_sizes=map_sizes,
                           map_dtypes=map_dtypes, precision=a.precision, fmi=a.fmi, layers=a.layers, device=a.device)
-    return AttributeConfig(shards=a.shards, out=a.out, worker=worker, format=a.format, plan=a.plan,
-                           plan_batches=a.plan_batches, **actor_settings(a))
+    return AttributeConfig(shards=a.shards, out=a.out, worker=worker, format=a.format, **actor_settings(a))
 
 
 def per_method(flag: str, text: str | None, methods: list[str], cast: Callable[[str], Any]) -> tuple[Any, dict]:

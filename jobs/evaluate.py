@@ -29,6 +29,7 @@ from attribution import models
 from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import PIXEL_NOISE, SOLVE_DTYPES
 from jobs.common import JobError, expand_shards, fail
+from jobs.plan import run_plan
 from jobs.scaffold import (ActorJobSettings, ShardedRun, actor_settings, actor_stage, add_actor_arguments,
                            add_shards_argument, read_shards, require_at_least_one, run_cli)
 from schemas.metrics import validate_dataset_metrics
@@ -68,7 +69,8 @@ def attribution_run(uri: str) -> dict:
 
 
 def run(config: EvaluateJobConfig) -> dict:
-    """Run (or resume) an evaluation; returns the summary that is also written to the manifest."""
+    """Run (or resume) an evaluation; returns the summary that is also written to the manifest. With ``config.plan``
+    set, only forecast it (jobs.plan.run_plan: model-based metrics) and return the forecast."""
     source = attribution_run(config.worker.attributions)
     committed_maps = OutputReader(config.worker.attributions).committed()
     uris = expand_shards(config.shards) if config.shards else [
@@ -84,6 +86,13 @@ def run(config: EvaluateJobConfig) -> dict:
         uris = [u for u in uris if shard_name(u) in committed_maps]
         if not uris:
             raise JobError(f"none of the shards has committed maps in {config.worker.attributions}")
+    if config.plan is not None:
+        if not set(config.worker.metrics) & set(MODEL_METRICS):
+            raise JobError(f"--plan forecasts the model-based metrics ({', '.join(MODEL_METRICS)}); map-only "
+                           "metrics load no model and run on CPU tasks")
+        preprocessing = models.preprocessing_for(config.worker.model, config.worker.weights)
+        return run_plan(config, config.worker, uris, config.out, preprocessing, EvaluateWorker, config.plan_batches,
+                        config.plan or None, write=write_metric_parts, results="metrics", group="metric")
     job = ShardedRun("evaluate", config.out, _config_key(config), uris, config, recorded={"shards": uris},
                      what="an evaluation")
     say(f"{len(uris)} shards, {job.already_committed} already evaluated, {len(job.pending)} to do -> {config.out}")
@@ -216,14 +225,15 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJobConfig:
                    help="ROAD: precision of the imputation solve (float32: 4-6x faster, pixels within ~1e-4)")
     p.add_argument("--chunk-size", type=int, default=64, help="perturbed images per forward pass")
     add_actor_arguments(p, precision_help="compute precision of the perturbed images' forward passes "
-                        "(bf16/fp16: autocast)", overwrite_help="delete previous outputs in --out first")
+                        "(bf16/fp16: autocast)", overwrite_help="delete previous outputs in --out first",
+                        plannable=True)
     a = p.parse_args(argv)
     wanted = [m.strip() for m in a.metrics.split(",") if m.strip()]
     unknown = [m for m in wanted if m not in ALL_METRICS]
     if not wanted or unknown:
         fail(f"unknown metric {unknown[0] if unknown else '(none)'!r}; known: {', '.join(ALL_METRICS)}")
     require_at_least_one(a, ("morf_steps", "insertion_steps", "chunk_size", "batch_size", "workers",
-                               "shards_per_dataset"))
+                               "shards_per_dataset", "plan_batches"))
     if a.border < 0:
         fail("--border must be non-negative")
     try:

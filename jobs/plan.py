@@ -1,12 +1,13 @@
-"""``--plan``: what a run will cost, measured on its own hardware before it starts.
+"""``--plan`` of jobs.attribute and jobs.evaluate: what a run will cost, measured on its own hardware before it starts.
 
 One Ray task with the resources of one of the run's actors (so on a cluster it lands where the actors would, on a
 GPU node, with the same device and precision) runs the first batches of the first shard still to do through the job's
 own steps (workers.trial: read, decode, the actor class, the write step into a temporary directory). From that, and
 the number of images still to do (counted from the ``shards.json`` that jobs.make_shards writes beside the shards,
-else assumed equal to the tried shard's), the driver forecasts per method: seconds per image, share of the actors'
-time, maps per image, stored bytes per map, actor-hours and output bytes for the whole run; and for the run: its
-wall time with the pool's actors, and the CPUs the read, decode and write steps need per actor to keep pace.
+else assumed equal to the tried shard's), the driver forecasts per step of the actor (a method; for jobs.evaluate a
+metric family, and the reading of the maps): seconds per image, share of the actor's time, actor time for the whole
+run; per output group (a method; a metric): rows per image, stored bytes per row, output bytes; and for the run:
+its wall time with the pool's actors, and the CPUs the read, decode and write steps need per actor to keep pace.
 
 Assumptions, printed with the table: the steady state is the batches after the first (the first pays the warm-up;
 with one batch its time is used, flagged); the actors scale linearly (one per GPU they do: nothing is shared but the
@@ -55,44 +56,50 @@ def _listed_sizes(manifest_uri: str) -> dict[str, int]:
 
 
 def forecast(settings: ActorJobSettings, worker_config: Any, uris: list[str], out: str, preprocessing: Any,
-             worker_cls: type, batches: int = 2, formats: tuple[str, ...] = ("parquet",),
+             worker_cls: type, batches: int = 2, write: Callable[..., Any] | None = None,
+             results: str = "attributions", group: str = "method",
              trial: Callable[..., dict] = trial_batches) -> dict[str, Any]:
-    """Measure one actor's first ``batches`` batches of the first shard still to do and forecast the run of
-    ``uris`` into ``out`` (committed shards there are done already, unless ``settings.overwrite``).
+    """Measure one actor's first ``batches`` batches of the first shard still to do (workers.trial.trial_batches,
+    with the job's ``write`` step, ``results`` column and ``group`` column) and forecast the run of ``uris`` into
+    ``out`` (committed shards there are done already, unless ``settings.overwrite``).
 
-    Returns a JSON-able dict: ``shards``, ``shards_to_do``, ``images_to_do``, ``images_counted`` (images of shards
-    listed in a shards.json; the rest are assumed as large as the tried shard), ``actors`` ({workers, gpus, cpus,
-    batch_size, device, precision}), ``trial`` (workers.trial.trial_batches' measurements), ``steady`` (whether
-    batches after the first were timed), ``per_image`` (seconds per image: ``actor``, ``read``, ``decode``,
-    ``write``; ``cpus_per_actor``: the CPUs read + decode + write need per actor to keep pace), ``methods``
-    ({method: seconds_per_image, share, maps_per_image, bytes_per_map, actor_hours, output_bytes}), ``actor_hours``,
-    ``wall_hours`` (with the pool's actors), ``output_bytes`` (everything the write step stages, all formats),
-    ``warnings`` (lines)."""
+    Returns :func:`summarise`'s dict plus ``shards``, ``shards_to_do``, ``images_to_do``, ``images_counted``
+    (images of shards listed in a shards.json; the rest are assumed as large as the tried shard), ``group`` and
+    ``actors`` ({workers, gpus, cpus, batch_size, device, precision})."""
     store = OutputStore(out)
     committed = set() if settings.overwrite else set(store.committed())
-    pending = [u for u in uris if shard_name(u) not in committed] or uris[:1]
     to_do = [u for u in uris if shard_name(u) not in committed]
+    tried = to_do or uris[:1]
     ensure_ray(settings.address)
     import ray
 
     gpus, workers, cpus, batch_size, config = actor_plan(settings, worker_config)
-    settings.say()(f"plan: trying {batches} batch{'es' * (batches > 1)} from {shard_name(pending[0])} on in one "
+    settings.say()(f"plan: trying {batches} batch{'es' * (batches > 1)} from {shard_name(tried[0])} on in one "
                    f"actor ...")
     task = ray.remote(trial).options(num_gpus=gpus, num_cpus=cpus, max_retries=0)
-    measured = ray.get(task.remote(worker_cls, config, pending, preprocessing, batch_size, batches, formats))
+    measured = ray.get(task.remote(worker_cls, config, tried, preprocessing, batch_size, batches, write, results,
+                                   group))
     sizes = shard_sizes(to_do)
     counted = sum(n for n in sizes.values() if n is not None)
     assumed = sum(1 for n in sizes.values() if n is None) * measured["shard_samples"]
     plan = summarise(measured, counted + assumed, workers)
     plan.update({"shards": len(uris), "shards_to_do": len(to_do), "images_to_do": counted + assumed,
-                 "images_counted": counted,
+                 "images_counted": counted, "group": group,
                  "actors": {"workers": workers, "gpus": gpus, "cpus": cpus, "batch_size": batch_size,
                             "device": config.device, "precision": config.precision}})
     return plan
 
 
 def summarise(trial: dict[str, Any], images: int, workers: int) -> dict[str, Any]:
-    """The forecast for ``images`` images on ``workers`` actors from one actor's trial (workers.trial)."""
+    """The forecast for ``images`` images on ``workers`` actors from one actor's trial (workers.trial).
+
+    Returns ``trial``, ``steady`` (whether batches after the first were timed: the first is the warm-up and is left
+    out when there are more), ``per_image`` (seconds per image: ``actor`` (its whole call), ``read``, ``decode``,
+    ``write``; ``cpus_per_actor``: the CPUs read + decode + write need per actor to keep pace), ``steps`` ({the
+    worker's step (a method, a metric family): seconds_per_image, share of the actor's call, actor_hours}),
+    ``outputs`` ({group value (a method, a metric): rows_per_image, bytes_per_row, output_bytes}), ``actor_hours``,
+    ``wall_hours`` (with ``workers`` actors), ``output_bytes`` (everything the write step stages, all formats),
+    ``warnings`` (lines)."""
     timed = trial["batches"][1:] or trial["batches"]
     timed_images = sum(b["images"] for b in timed)
     actor = sum(b["seconds"] for b in timed) / timed_images
@@ -102,28 +109,28 @@ def summarise(trial: dict[str, Any], images: int, workers: int) -> dict[str, Any
     per_image["cpus_per_actor"] = (per_image["read"] + per_image["decode"] + per_image["write"]) / actor
     seconds: dict[str, float] = defaultdict(float)
     for b in timed:
-        for method, entry in b["methods"].items():
-            seconds[method] += entry["seconds_per_image"] * b["images"] / timed_images
-    methods = {}
-    for method, rows in trial["method_rows"].items():
-        maps = rows / trial["images"]
-        methods[method] = {"seconds_per_image": seconds[method], "share": seconds[method] / actor,
-                           "maps_per_image": maps, "bytes_per_map": trial["method_bytes"][method] / rows,
-                           "actor_hours": seconds[method] * images / 3600,
-                           "output_bytes": trial["method_bytes"][method] / trial["images"] * images}
+        for step, total in b["steps"].items():
+            seconds[step] += total / timed_images
+    steps = {step: {"seconds_per_image": s, "share": s / actor, "actor_hours": s * images / 3600}
+             for step, s in seconds.items()}
+    outputs = {name: {"rows_per_image": rows / trial["images"], "bytes_per_row": trial["group_bytes"][name] / rows,
+                      "output_bytes": trial["group_bytes"][name] / trial["images"] * images}
+               for name, rows in trial["group_rows"].items()}
     warnings = [f"warning: {m} ran out of device memory at {trial['batch_size']} images; it ran {n} per call "
                 f"(a smaller --batch-size may be faster)" for m, n in trial["chunk_sizes"].items()]
     errors = sum(b["error_rows"] for b in trial["batches"])
     if errors:
         warnings.append(f"warning: the trial's {trial['images']} images gave {errors} error rows, e.g. "
                         f"{trial['errors'][0] if trial['errors'] else '?'}")
-    return {"trial": trial, "steady": len(trial["batches"]) > 1, "per_image": per_image, "methods": methods,
-            "actor_hours": actor * images / 3600, "wall_hours": actor * images / 3600 / max(1, workers),
+    return {"trial": trial, "steady": len(trial["batches"]) > 1, "per_image": per_image, "steps": steps,
+            "outputs": outputs, "actor_hours": actor * images / 3600,
+            "wall_hours": actor * images / 3600 / max(1, workers),
             "output_bytes": trial["staged_bytes"] / trial["images"] * images, "warnings": warnings}
 
 
 def plan_lines(plan: dict[str, Any], out: str) -> list[str]:
-    """The forecast as printed: a header, one line per method, the run's totals and the assumptions."""
+    """The forecast as printed: a header, one line per step of the actor (and per output group where those are not
+    the same, e.g. metric families and metrics), the run's totals and the assumptions."""
     t, a, p = plan["trial"], plan["actors"], plan["per_image"]
     first, rest = t["batches"][0], t["batches"][1:]
     timing = (f"batch 1 (warm-up) {first['seconds']:.1f} s, then {_mean(rest, 'seconds'):.1f} s per batch"
@@ -136,14 +143,24 @@ def plan_lines(plan: dict[str, Any], out: str) -> list[str]:
                f"counted as {t['shard_samples']} images like the tried one)")
     lines = [f"plan: {plan['shards']} shards, {plan['shards_to_do']} to do, {plan['images_to_do']:,} images{counted}",
              f"trial: {t['images']} images in batches of {t['batch_size']} on {t['device_name']} ({t['device']}, "
-             f"{a['precision']}, {t['threads']} threads): {timing}{memory}",
-             f"{'method':<24}{'s/img':>9}{'share':>8}{'maps/img':>10}{'KiB/map':>9}{'actor time':>12}{'output':>10}"]
-    for method, m in sorted(plan["methods"].items(), key=lambda kv: -kv[1]["seconds_per_image"]):
-        lines.append(f"{method:<24}{m['seconds_per_image']:>9.4f}{m['share']:>8.0%}{m['maps_per_image']:>10.1f}"
-                     f"{m['bytes_per_map'] / 1024:>9.1f}{_duration(m['actor_hours']):>12}"
-                     f"{_size(m['output_bytes']):>10}")
-    lines.append(f"{'actor call (all methods)':<24}{p['actor']:>9.4f}{1:>8.0%}{'':>10}{'':>9}"
-                 f"{_duration(plan['actor_hours']):>12}{_size(plan['output_bytes']):>10}")
+             f"{a['precision']}, {t['threads']} threads): {timing}{memory}"]
+    steps, outputs, group = plan["steps"], plan["outputs"], plan.get("group", "method")
+    merged = set(steps) == set(outputs)
+    lines.append(f"{('step' if not merged else group):<24}{'s/img':>9}{'share':>8}{'actor time':>12}"
+                 + (f"{'rows/img':>10}{'KiB/row':>9}{'output':>10}" if merged else ""))
+    for step, m in sorted(steps.items(), key=lambda kv: -kv[1]["seconds_per_image"]):
+        line = f"{step:<24}{m['seconds_per_image']:>9.4f}{m['share']:>8.0%}{_duration(m['actor_hours']):>12}"
+        if merged:
+            o = outputs[step]
+            line += f"{o['rows_per_image']:>10.1f}{o['bytes_per_row'] / 1024:>9.1f}{_size(o['output_bytes']):>10}"
+        lines.append(line)
+    lines.append(f"{'actor call (all)':<24}{p['actor']:>9.4f}{1:>8.0%}{_duration(plan['actor_hours']):>12}"
+                 + (f"{'':>19}{_size(plan['output_bytes']):>10}" if merged else ""))
+    if not merged:
+        lines.append(f"{group:<24}{'rows/img':>9}{'KiB/row':>9}{'output':>10}")
+        for name, o in sorted(outputs.items()):
+            lines.append(f"{name:<24}{o['rows_per_image']:>9.1f}{o['bytes_per_row'] / 1024:>9.2f}"
+                         f"{_size(o['output_bytes']):>10}")
     lines.append(f"outside the actors, per image: read {p['read']:.4f} s, decode {p['decode']:.4f} s, write "
                  f"{p['write']:.4f} s of CPU: {p['cpus_per_actor']:.2f} CPUs per actor keep pace with it")
     lines.append(f"forecast: {plan['images_to_do']:,} images on {a['workers']} actor{'s' * (a['workers'] > 1)} x "
@@ -154,9 +171,10 @@ def plan_lines(plan: dict[str, Any], out: str) -> list[str]:
 
 
 def run_plan(settings: ActorJobSettings, worker_config: Any, uris: list[str], out: str, preprocessing: Any,
-             worker_cls: type, batches: int, formats: tuple[str, ...], json_path: str | None) -> dict[str, Any]:
-    """:func:`forecast`, printed (:func:`plan_lines`) and, with ``json_path``, written there as JSON."""
-    plan = forecast(settings, worker_config, uris, out, preprocessing, worker_cls, batches, formats)
+             worker_cls: type, batches: int, json_path: str | None, **job_steps: Any) -> dict[str, Any]:
+    """:func:`forecast` (``job_steps``: its ``write``, ``results``, ``group``), printed (:func:`plan_lines`) and,
+    with ``json_path``, written there as JSON."""
+    plan = forecast(settings, worker_config, uris, out, preprocessing, worker_cls, batches, **job_steps)
     for line in plan_lines(plan, out):
         print(line, flush=True)
     if json_path:

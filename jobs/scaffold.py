@@ -53,7 +53,8 @@ SHARDS_HELP = "tar shards: brace patterns, globs, dirs, s3:// gs://, or comma-se
 class ActorJobSettings:
     """Where and how a job's actors run. ``workers``/``gpus_per_worker``/``cpus_per_worker``/``batch_size`` None:
     chosen from the connected cluster (jobs.common.actor_resources); ``address`` None: RAY_ADDRESS, else an
-    embedded local Ray; ``quiet``: no progress lines."""
+    embedded local Ray; ``quiet``: no progress lines. ``plan`` (jobs.attribute and jobs.evaluate): None runs the
+    job; "" only prints its forecast (jobs.plan, from ``plan_batches`` batches); a path also writes it there as JSON."""
 
     batch_size: int | None = None
     workers: int | None = None
@@ -63,6 +64,8 @@ class ActorJobSettings:
     address: str | None = None
     quiet: bool = False
     shards_per_dataset: int = SHARDS_PER_DATASET
+    plan: str | None = None
+    plan_batches: int = 2
 
     def say(self) -> Callable[..., None]:
         """The job's progress printer (silent when ``quiet``)."""
@@ -86,10 +89,12 @@ def add_model_arguments(p: argparse.ArgumentParser, methods_default: str | None 
 
 
 def add_actor_arguments(p: argparse.ArgumentParser, precision_help: str, overwrite_help: str,
-                        workers_flags: Sequence[str] = ("--workers",), sharded: bool = True) -> None:
+                        workers_flags: Sequence[str] = ("--workers",), sharded: bool = True,
+                        plannable: bool = False) -> None:
     """``--precision`` and the actor resources: ``--batch-size``, ``--workers``, ``--gpus-per-worker``,
-    ``--cpus-per-worker``, ``--device``, ``--address``, ``--overwrite``, and for jobs that run through ShardedRun
-    (``sharded``) ``--shards-per-dataset``."""
+    ``--cpus-per-worker``, ``--device``, ``--address``, ``--overwrite``, for jobs that run through ShardedRun
+    (``sharded``) ``--shards-per-dataset``, and for jobs with a forecast (``plannable``, jobs.plan) ``--plan [JSON]``
+    and ``--plan-batches``."""
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=precision_help)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument(*workers_flags, dest="workers", type=int, default=None,
@@ -102,6 +107,13 @@ def add_actor_arguments(p: argparse.ArgumentParser, precision_help: str, overwri
                    "default: cuda for actors that hold a GPU, else cpu)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if plannable:
+        p.add_argument("--plan", nargs="?", const="", default=None, metavar="JSON",
+                       help="do not run: time the first batches of the first shard to do in one actor and forecast "
+                            "the run (time per step, output size, wall time, CPUs per actor for read/decode/write); "
+                            "with JSON, also write the forecast there")
+        p.add_argument("--plan-batches", type=int, default=2,
+                       help="batches --plan times (default 2: the first is the warm-up)")
     if sharded:
         p.add_argument("--shards-per-dataset", type=int, default=SHARDS_PER_DATASET,
                        help=f"run at most this many shards per Ray dataset, the next ones in a new one (default "
@@ -140,7 +152,8 @@ def actor_settings(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed resource arguments as ActorJobSettings keyword arguments."""
     return {"batch_size": a.batch_size, "workers": a.workers, "gpus_per_worker": a.gpus_per_worker,
             "cpus_per_worker": a.cpus_per_worker, "overwrite": a.overwrite, "address": a.address,
-            "shards_per_dataset": getattr(a, "shards_per_dataset", SHARDS_PER_DATASET)}
+            "shards_per_dataset": getattr(a, "shards_per_dataset", SHARDS_PER_DATASET),
+            **({"plan": a.plan, "plan_batches": a.plan_batches} if hasattr(a, "plan") else {})}
 
 
 def check_methods(methods: Sequence[str], options_for: Callable[[str], dict], precision: str) -> None:

@@ -12,9 +12,12 @@ import pytest
 from attribution.data.sample_sets import photo_samples
 from attribution.data.shards import write_manifest, write_shards
 from jobs.attribute import AttributeConfig, parse_args, run
+from jobs.evaluate import EvaluateJobConfig
+from jobs.evaluate import run as evaluate_run
 from jobs.common import expand_shards
 from jobs.plan import plan_lines, shard_sizes, summarise
 from workers.attribution_worker import WorkerConfig
+from workers.evaluate_worker import EvaluateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,12 +27,11 @@ def fake_trial(batch_seconds=(9.0, 2.0, 3.0), images=(4, 4, 2)) -> dict:
     batches = []
     for seconds, n in zip(batch_seconds, images):
         batches.append({"images": n, "seconds": seconds, "write_seconds": 0.1 * n, "rows": 6 * n, "error_rows": 0,
-                        "methods": {"gbp": {"seconds_per_image": seconds / n * 0.75, "rows": 5 * n},
-                                    "gradcam": {"seconds_per_image": seconds / n * 0.25, "rows": n}}})
+                        "steps": {"gbp": seconds * 0.75, "gradcam": seconds * 0.25}})
     return {"device": "cpu", "device_name": "test", "threads": 1, "shard_samples": 10, "images": sum(images),
             "batch_size": 4, "read_seconds": 0.5, "read_samples": 10, "decode_seconds": 1.0, "load_seconds": 0.1,
-            "batches": batches, "staged_bytes": 6_000_000, "method_bytes": {"gbp": 5_000_000, "gradcam": 800_000},
-            "method_rows": {"gbp": 50, "gradcam": 10}, "chunk_sizes": {}, "errors": [], "peak_device_bytes": None,
+            "batches": batches, "staged_bytes": 6_000_000, "group_bytes": {"gbp": 5_000_000, "gradcam": 800_000},
+            "group_rows": {"gbp": 50, "gradcam": 10}, "chunk_sizes": {}, "errors": [], "peak_device_bytes": None,
             "peak_rss_bytes": 1}
 
 
@@ -39,11 +41,11 @@ def test_forecast_uses_the_batches_after_the_warm_up():
     assert plan["steady"] and plan["per_image"]["actor"] == pytest.approx(actor)
     assert plan["actor_hours"] == pytest.approx(actor * 36_000 / 3600)
     assert plan["wall_hours"] == pytest.approx(actor * 36_000 / 3600 / 4)
-    gbp = plan["methods"]["gbp"]
+    gbp, stored = plan["steps"]["gbp"], plan["outputs"]["gbp"]
     assert gbp["seconds_per_image"] == pytest.approx(0.75 * actor)  # image-weighted over the steady batches
-    assert gbp["share"] == pytest.approx(0.75)
-    assert gbp["maps_per_image"] == 5 and gbp["bytes_per_map"] == 100_000
-    assert gbp["output_bytes"] == pytest.approx(5_000_000 / 10 * 36_000)
+    assert gbp["share"] == pytest.approx(0.75) and gbp["actor_hours"] == pytest.approx(0.75 * actor * 10)
+    assert stored["rows_per_image"] == 5 and stored["bytes_per_row"] == 100_000
+    assert stored["output_bytes"] == pytest.approx(5_000_000 / 10 * 36_000)
     assert plan["output_bytes"] == pytest.approx(600_000 * 36_000)
     p = plan["per_image"]
     assert (p["read"], p["decode"], p["write"]) == pytest.approx((0.05, 0.1, 0.1))
@@ -52,7 +54,7 @@ def test_forecast_uses_the_batches_after_the_warm_up():
 
 def test_one_batch_is_used_and_flagged_and_memory_trouble_is_a_warning():
     trial = fake_trial(batch_seconds=(8.0,), images=(4,))
-    trial.update(images=4, method_rows={"gbp": 20, "gradcam": 4}, chunk_sizes={"gbp": 2},
+    trial.update(images=4, group_rows={"gbp": 20, "gradcam": 4}, chunk_sizes={"gbp": 2},
                  errors=["k1: boom"])
     trial["batches"][0]["error_rows"] = 1
     plan = summarise(trial, images=100, workers=1)
@@ -89,33 +91,63 @@ def test_plan_arguments():
         "error: --plan-batches must be at least 1"]
 
 
-def test_forecast_matches_the_run(ray_session, tmp_path, capsys):
-    """The forecast's rows and bytes against the real run of the same config; the plan writes nothing to --out and,
-    once the run is committed, has nothing left to do."""
-    shard_set = write_shards(photo_samples(), tmp_path / "shards", "photos", 3, log=lambda *_: None)
-    write_manifest(tmp_path / "shards", [(shard_set, 3)])
-    out = tmp_path / "maps"
+@pytest.fixture(scope="module")
+def planned(ray_session, tmp_path_factory):
+    """A forecast of jobs.attribute (EfficientNet-Lite0, GBP + Grad-CAM, top-5, batches of 2) on the sample photos,
+    then the run it forecasts."""
+    tmp = tmp_path_factory.mktemp("plan")
+    shard_set = write_shards(photo_samples(), tmp / "shards", "photos", 3, log=lambda *_: None)
+    write_manifest(tmp / "shards", [(shard_set, 3)])
+    out = tmp / "maps"
     worker = WorkerConfig(model="efficientnet_lite0", weights="imagenet", methods=["gbp", "gradcam"], targets="top5")
     config = AttributeConfig(shards=[shard_set.pattern], out=str(out), worker=worker, batch_size=2,
-                             plan=str(tmp_path / "plan.json"))
+                             plan=str(tmp / "plan.json"))
     plan = run(config)
-    assert not out.exists()
-    assert json.loads((tmp_path / "plan.json").read_text())["images_to_do"] == plan["images_to_do"]
-    printed = capsys.readouterr().out
-    assert "forecast:" in printed and "gradcam" in printed
+    planned_out_existed = out.exists()
+    config.plan, config.quiet = None, True
+    summary = run(config)
+    return {"tmp": tmp, "shard_set": shard_set, "config": config, "plan": plan, "summary": summary,
+            "planned_out_existed": planned_out_existed}
+
+
+def test_forecast_matches_the_run(planned):
+    """The forecast's rows and bytes against the real run of the same config; the plan writes nothing to --out and,
+    once the run is committed, has nothing left to do."""
+    plan, summary, shard_set, tmp = planned["plan"], planned["summary"], planned["shard_set"], planned["tmp"]
+    assert not planned["planned_out_existed"]
+    assert json.loads((tmp / "plan.json").read_text())["images_to_do"] == plan["images_to_do"]
     trial = plan["trial"]
     assert trial["images"] == 4 and len(trial["batches"]) == 2 and trial["read_samples"] >= 4
-
-    config.plan = None
-    config.quiet = True
-    summary = run(config)
     assert plan["images_to_do"] == summary["samples"] == shard_set.num_samples
-    methods = plan["methods"]
-    assert methods["gbp"]["maps_per_image"] == methods["gradcam"]["maps_per_image"] == 5
+    outputs = plan["outputs"]
+    assert outputs["gbp"]["rows_per_image"] == outputs["gradcam"]["rows_per_image"] == 5
+    assert set(plan["steps"]) == {"gbp", "gradcam"}
     assert summary["maps_written"] == 10 * shard_set.num_samples
-    written = sum(f.stat().st_size for f in (out / "attributions").rglob("*.parquet"))
+    written = sum(f.stat().st_size for f in (tmp / "maps" / "attributions").rglob("*.parquet"))
     # compaction re-encodes a shard's parts in one file: the same columns and codec, so within a few per cent
     assert plan["output_bytes"] == pytest.approx(written, rel=0.15)
-
+    config = planned["config"]
     config.plan = ""
-    assert run(config)["images_to_do"] == 0
+    try:
+        assert run(config)["images_to_do"] == 0
+    finally:
+        config.plan = None
+
+
+def test_evaluate_forecast_matches_its_run(planned, capsys):
+    """jobs.evaluate --plan on the committed maps: its metric families are the steps, its metric rows per image
+    those of the real evaluation."""
+    maps = planned["tmp"] / "maps"
+    worker = EvaluateConfig(attributions=str(maps), model="efficientnet_lite0", weights="imagenet",
+                            metrics=["ebpg", "morf", "insertion"], morf_steps=4, insertion_steps=4)
+    config = EvaluateJobConfig(out=str(planned["tmp"] / "metrics"), worker=worker, batch_size=2, plan="")
+    plan = evaluate_run(config)
+    printed = capsys.readouterr().out
+    assert "forecast:" in printed and "insertion_accuracy" in printed
+    assert {"read maps", "map metrics", "morf", "insertion"} <= set(plan["steps"])
+    assert not (planned["tmp"] / "metrics").exists()
+    config.plan, config.quiet = None, True
+    summary = evaluate_run(config)
+    assert plan["images_to_do"] == summary["samples"]
+    rows = sum(o["rows_per_image"] for o in plan["outputs"].values()) * plan["images_to_do"]
+    assert rows == pytest.approx(summary["metric_rows"])  # the photos' rows per image are all alike

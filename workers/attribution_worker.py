@@ -93,9 +93,11 @@ class AttributionWorker:
                         for layout in dict.fromkeys(self.layouts.values())}
         self.calls = 0
         self.chunk_sizes: dict[str, int] = {}
+        self.last_seconds: dict[str, float] = {}  # {method: seconds} of the last call (what jobs.plan reads)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         self.calls += 1
+        self.last_seconds = {}
         decoded = DecodedBatch(table)
         tables: dict[MapLayout, list[pa.Table]] = {layout: [] for layout in self.schemas}
         if decoded.good:
@@ -125,7 +127,8 @@ class AttributionWorker:
             options = self.config.options_for(method)
             start = time.perf_counter()
             results = self._run_method(method, images, targets, options, chosen, batch, errors)
-            seconds = (time.perf_counter() - start) / len(chosen)
+            self.last_seconds[method] = time.perf_counter() - start
+            seconds = self.last_seconds[method] / len(chosen)
             if predicted is None:  # one device -> host copy per batch for what every row repeats
                 self._forward(images, forward)  # no-op unless the first method failed before its forward
                 top = forward.top5[valid] if self.config.targets == "label" else forward.top5

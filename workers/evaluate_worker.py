@@ -10,9 +10,11 @@ The map-only metrics come from workers.map_metrics (the same function serves job
 """
 from __future__ import annotations
 
+import contextlib
+import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import torch
@@ -92,8 +94,10 @@ class EvaluateWorker:
         self.size = self.spec.preprocessing.input_size
         self.baseline = black_baseline(self.spec.preprocessing).to(device)
         self.maps = OutputReader(config.attributions)  # a snapshot of its commits: listed once, on first use
+        self.last_seconds: dict[str, float] = {}  # {step: seconds} of the last call (what jobs.plan reads)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        self.last_seconds = {}
         decoded = DecodedBatch(table)
         batch, rows, errors, good = decoded.columns, decoded.rows, decoded.errors, decoded.good
         if good:
@@ -116,7 +120,8 @@ class EvaluateWorker:
     # ------------------------------------------------------------------------------------------------ one batch
     def _evaluate(self, batch: dict[str, Any], good: list[int], rows: list[list[dict]],
                   errors: list[list[dict]]) -> None:
-        table = self._maps_for(batch, good)
+        with self._timed("read maps"):
+            table = self._maps_for(batch, good)
         position = {(batch["shard"][i], batch["key"][i]): i for i in good}
         found = {(s, k) for s, k in zip(table.column("shard").to_pylist(), table.column("key").to_pylist())}
         for (shard, key), i in position.items():
@@ -133,7 +138,8 @@ class EvaluateWorker:
         image_of = [good.index(i) for i in sample_of]
         context = RowContext(meta, sample_of)
         wanted = set(self.config.metrics)
-        out = map_metric_rows(context, maps, self.config.metrics, self.config.border)
+        with self._timed("map metrics"):
+            out = map_metric_rows(context, maps, self.config.metrics, self.config.border)
         if wanted & set(MODEL_METRICS):
             with compute_precision(self.config.precision, device):  # the perturbed images' forward passes
                 out += self._perturbation(context, maps, images, image_of, wanted)
@@ -166,35 +172,61 @@ class EvaluateWorker:
             for name in ("morf", "lerf"):
                 if name not in wanted:
                     continue
-                by_abs = torch.tensor([context.meta["method"][r] in cfg.lerf_abs_methods for r in primary])
-                order = pixel_order(m, most_relevant_first=(name == "morf"))
-                if name == "lerf" and bool(by_abs.any()):
-                    order_abs = pixel_order(m, most_relevant_first=False, by_abs=True)
-                    order = torch.where(by_abs.to(order.device)[:, None], order_abs, order)
-                prob = perturbation_curves(spec.module, imgs, order, targets, fractions, mode="remove",
-                                           baseline=self.baseline, chunk_size=cfg.chunk_size)["prob"]
-                out += self._curve_rows(context, primary, name, prob, fractions)
+                with self._timed(name):  # ends with the rows' host copy, so the device work is inside
+                    by_abs = torch.tensor([context.meta["method"][r] in cfg.lerf_abs_methods for r in primary])
+                    order = pixel_order(m, most_relevant_first=(name == "morf"))
+                    if name == "lerf" and bool(by_abs.any()):
+                        order_abs = pixel_order(m, most_relevant_first=False, by_abs=True)
+                        order = torch.where(by_abs.to(order.device)[:, None], order_abs, order)
+                    prob = perturbation_curves(spec.module, imgs, order, targets, fractions, mode="remove",
+                                               baseline=self.baseline, chunk_size=cfg.chunk_size)["prob"]
+                    out += self._curve_rows(context, primary, name, prob, fractions)
         if "insertion" in wanted:
+            out += self._insertion(context, primary, m, imgs, targets)
+        orders = [name[len("road_"):] for name in ("road_morf", "road_lerf") if name in wanted]
+        if orders:
+            with self._timed("road"):
+                out += self._road(context, primary, m, imgs, targets, orders)
+        return out
+
+    def _insertion(self, context: RowContext, primary: list[int], m: torch.Tensor, imgs: torch.Tensor,
+                   targets: torch.Tensor) -> list[tuple[int, dict]]:
+        """Insertion accuracy and softmax-ratio curves of the primary maps ``m`` [P, S, S] on ``imgs``."""
+        cfg, spec = self.config, self.spec
+        with self._timed("insertion"):
             fractions = cfg.insertion_fractions()
             order = pixel_order(m, most_relevant_first=True)
             curves = perturbation_curves(spec.module, imgs, order, targets, fractions, mode="insert",
                                          baseline=self.baseline, chunk_size=cfg.chunk_size)
             with torch.no_grad():
                 reference = spec.module(imgs).softmax(dim=1).gather(1, targets[:, None])
-            out += self._curve_rows(context, primary, "insertion_accuracy", curves["top1"], fractions)
-            out += self._curve_rows(context, primary, "insertion_softmax", curves["prob"] / reference, fractions)
-        orders = [name[len("road_"):] for name in ("road_morf", "road_lerf") if name in wanted]
-        if orders:
-            fractions = list(cfg.road_fractions)
-            by_abs = torch.tensor([context.meta["method"][r] in cfg.lerf_abs_methods for r in primary])
-            seeds = [zlib.crc32(f"{cfg.road_seed}:{context.meta['key'][r]}".encode()) for r in primary]
-            road = road_curves(spec.module, imgs, m, targets, fractions, orders=orders, lerf_by_abs=by_abs,
-                               noise=noise_for(spec.preprocessing, cfg.road_noise), seeds=seeds,
-                               chunk_size=cfg.chunk_size, dtype=SOLVE_DTYPES[cfg.road_dtype])
-            for order in orders:  # probability AUC; and the top-1 hits, whose mean over images is the accuracy
-                out += self._curve_rows(context, primary, f"road_{order}", road[order]["prob"], fractions)
-                out += self._curve_rows(context, primary, f"road_{order}_accuracy", road[order]["top1"], fractions)
+            return (self._curve_rows(context, primary, "insertion_accuracy", curves["top1"], fractions)
+                    + self._curve_rows(context, primary, "insertion_softmax", curves["prob"] / reference, fractions))
+
+    def _road(self, context: RowContext, primary: list[int], m: torch.Tensor, imgs: torch.Tensor,
+              targets: torch.Tensor, orders: list[str]) -> list[tuple[int, dict]]:
+        """ROAD curves (``orders``: morf and/or lerf) of the primary maps ``m`` [P, S, S] on ``imgs``."""
+        cfg, out = self.config, []
+        fractions = list(cfg.road_fractions)
+        by_abs = torch.tensor([context.meta["method"][r] in cfg.lerf_abs_methods for r in primary])
+        seeds = [zlib.crc32(f"{cfg.road_seed}:{context.meta['key'][r]}".encode()) for r in primary]
+        road = road_curves(self.spec.module, imgs, m, targets, fractions, orders=orders, lerf_by_abs=by_abs,
+                           noise=noise_for(self.spec.preprocessing, cfg.road_noise), seeds=seeds,
+                           chunk_size=cfg.chunk_size, dtype=SOLVE_DTYPES[cfg.road_dtype])
+        for order in orders:  # probability AUC; and the top-1 hits, whose mean over images is the accuracy
+            out += self._curve_rows(context, primary, f"road_{order}", road[order]["prob"], fractions)
+            out += self._curve_rows(context, primary, f"road_{order}_accuracy", road[order]["top1"], fractions)
         return out
+
+    @contextlib.contextmanager
+    def _timed(self, step: str) -> Iterator[None]:
+        """Add the wall time of the block to ``last_seconds[step]`` (the blocks end with a host copy of their
+        results, so the device's work is inside)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last_seconds[step] = self.last_seconds.get(step, 0.0) + time.perf_counter() - start
 
     @staticmethod
     def _curve_rows(context: RowContext, primary: list[int], metric: str, curves: torch.Tensor,

@@ -2,18 +2,19 @@
 jobs.plan turns into a forecast of the whole run (time, storage, CPUs the read/decode/write steps need).
 
 The steps are the job's own — workers.shards.read_shard, workers.decode.decode_batch, the run's actor class, and
-workers.staging.write_parts into a temporary directory — called in sequence in one process, so each one's time is
+its write step (workers.staging) into a temporary directory — called in sequence in one process, so each one's time is
 its own (in the job they overlap: decode and write run in CPU tasks beside the actors).
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
 import resource
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,9 +29,13 @@ from workers.staging import write_parts
 
 
 def trial_batches(worker_cls: type, worker_config: Any, uris: list[str], preprocessing: Any, batch_size: int,
-                  batches: int = 2, formats: tuple[str, ...] = ("parquet",)) -> dict[str, Any]:
+                  batches: int = 2, write: Callable[..., pa.Table] | None = None, results: str = "attributions",
+                  group: str = "method") -> dict[str, Any]:
     """Run the first ``batches`` x ``batch_size`` samples of the shards ``uris`` (read in order, only as many as
-    needed) through the job's steps, timing each.
+    needed) through the job's steps, timing each: ``worker_cls(config=worker_config)`` on each batch, then
+    ``write(actor output, uri=<temporary directory>)`` (the job's write step; None: workers.staging.write_parts
+    with Parquet only). ``results``: the actor output's blob column of result rows; ``group``: the result column
+    whose values the rows and bytes are counted by (``method`` for maps, ``metric`` for metric rows).
 
     The first batch pays the warm-up (CUDA context, cuDNN autotuning, first allocations); later batches are the
     steady state. Returns a JSON-able dict:
@@ -39,15 +44,17 @@ def trial_batches(worker_cls: type, worker_config: Any, uris: list[str], preproc
       threads), ``shard_samples`` (samples in the first shard), ``images`` (samples tried), ``batch_size``;
     - ``read_seconds`` and ``read_samples`` (the shards read whole: tar members to rows), ``decode_seconds`` (the
       tried samples: JPEG to pixels), ``load_seconds`` (the actor's constructor: model load);
-    - ``batches``: per batch ``images``, ``seconds`` (the actor's call, device synchronised), ``write_seconds`` (the
-      write step: Parquet parts, plus NPZ where asked), ``rows``, ``error_rows``, and ``methods``: {method:
-      {``seconds_per_image`` (the worker's own timing: the method's batch time / images), ``rows``}};
+    - ``batches``: per batch ``images``, ``seconds`` (the actor's call, device synchronised), ``write_seconds``,
+      ``rows``, ``error_rows``, and ``steps``: {step: seconds} as the worker timed its own steps in the call (its
+      ``last_seconds``: per method for maps, per metric family for metrics);
     - ``staged_bytes``: the bytes the write step staged for all tried images (every format asked for);
-    - ``method_bytes``: {method: Parquet bytes of all its tried rows, written alone with the job's options};
-    - ``method_rows``: {method: rows tried}; ``chunk_sizes``: {method: images per call} for methods that ran out of
-      memory at the full batch (see AttributionWorker); ``errors``: the first error rows' reasons (at most 5);
+    - ``group_bytes``: {group value: Parquet bytes of all its tried rows, written alone with the job's options};
+      ``group_rows``: {group value: rows tried};
+    - ``chunk_sizes``: {method: images per call} for methods that ran out of memory at the full batch (see
+      AttributionWorker); ``errors``: the first error rows' ``key: reason`` (at most 5);
     - ``peak_device_bytes`` (torch's peak allocation on a CUDA device; None on the CPU) and ``peak_rss_bytes``
       (this process's peak resident set)."""
+    write = write or functools.partial(write_parts, formats=("parquet",))
     wanted = max(1, batch_size * batches)
     started = time.perf_counter()
     rows: list[dict] = []
@@ -58,8 +65,7 @@ def trial_batches(worker_cls: type, worker_config: Any, uris: list[str], preproc
         if len(rows) >= wanted:
             break
     read_seconds = time.perf_counter() - started
-    tried = rows[:wanted]
-    raw = pa.Table.from_pylist(tried, schema=RAW_SCHEMA)
+    raw = pa.Table.from_pylist(rows[:wanted], schema=RAW_SCHEMA)
     started = time.perf_counter()
     decoded = decode_batch(raw, preprocessing)
     decode_seconds = time.perf_counter() - started
@@ -70,7 +76,7 @@ def trial_batches(worker_cls: type, worker_config: Any, uris: list[str], preproc
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     measured: list[dict[str, Any]] = []
-    by_method: dict[str, list[pa.Table]] = {}
+    grouped: dict[str, list[pa.Table]] = {}
     reasons: list[str] = []
     with tempfile.TemporaryDirectory(prefix="xai-plan-") as staging:
         for b in range(math.ceil(decoded.num_rows / batch_size)):
@@ -81,38 +87,37 @@ def trial_batches(worker_cls: type, worker_config: Any, uris: list[str], preproc
             _synchronize(device)
             seconds = time.perf_counter() - started
             started = time.perf_counter()
-            write_parts(out, uri=staging, formats=formats)
+            write(out, uri=staging)
             write_seconds = time.perf_counter() - started
-            methods: dict[str, dict[str, float]] = {}
-            rows_of_batch = errors_of_batch = 0
-            for blob in out.column("attributions").to_pylist():
-                for table in ipc_tables(blob or b""):
-                    rows_of_batch += table.num_rows
-                    for method in dict.fromkeys(table.column("method").to_pylist()):
-                        mine = table.filter(pc.equal(table.column("method"), method))
-                        by_method.setdefault(method, []).append(mine)
-                        entry = methods.setdefault(method, {"seconds_per_image": 0.0, "rows": 0})
-                        entry["seconds_per_image"] = float(mine.column("seconds")[0].as_py())
-                        entry["rows"] += mine.num_rows
-            for blob in out.column("errors").to_pylist():
-                for table in ipc_tables(blob or b""):
-                    errors_of_batch += table.num_rows
-                    reasons += [f"{k}: {r}" for k, r in zip(table.column("key").to_pylist(),
-                                                             table.column("reason").to_pylist())]
+            result_tables = _blob_tables(out.column(results))
+            for table in result_tables:
+                for value in dict.fromkeys(table.column(group).to_pylist()):
+                    grouped.setdefault(value, []).append(table.filter(pc.equal(table.column(group), value)))
+            error_tables = _blob_tables(out.column("errors"))
+            for table in error_tables:
+                reasons += [f"{k}: {r}" for k, r in zip(table.column("key").to_pylist(),
+                                                         table.column("reason").to_pylist())]
             measured.append({"images": part.num_rows, "seconds": seconds, "write_seconds": write_seconds,
-                             "rows": rows_of_batch, "error_rows": errors_of_batch, "methods": methods})
+                             "rows": sum(t.num_rows for t in result_tables),
+                             "error_rows": sum(t.num_rows for t in error_tables),
+                             "steps": dict(getattr(worker, "last_seconds", {}))})
         staged_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(staging) for f in files)
     return {
         "device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
         "shard_samples": shard_samples, "images": decoded.num_rows, "batch_size": batch_size,
-        "read_seconds": read_seconds, "read_samples": len(rows), "decode_seconds": decode_seconds, "load_seconds": load_seconds,
-        "batches": measured, "staged_bytes": staged_bytes,
-        "method_bytes": {m: _parquet_bytes(pa.concat_tables(t)) for m, t in by_method.items()},
-        "method_rows": {m: sum(t.num_rows for t in tables) for m, tables in by_method.items()},
+        "read_seconds": read_seconds, "read_samples": len(rows), "decode_seconds": decode_seconds,
+        "load_seconds": load_seconds, "batches": measured, "staged_bytes": staged_bytes,
+        "group_bytes": {g: _parquet_bytes(pa.concat_tables(t)) for g, t in grouped.items()},
+        "group_rows": {g: sum(t.num_rows for t in tables) for g, tables in grouped.items()},
         "chunk_sizes": dict(getattr(worker, "chunk_sizes", {})), "errors": reasons[:5],
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def _blob_tables(column: pa.ChunkedArray) -> list[pa.Table]:
+    """The non-empty tables of an actor output's blob column (Arrow IPC streams, workers.batches.ipc_tables)."""
+    return [t for blob in column.to_pylist() for t in ipc_tables(blob or b"") if t.num_rows]
 
 
 def _parquet_bytes(table: pa.Table) -> int:
