@@ -115,6 +115,7 @@ def section_pipeline(plan: Plan, report: dict, work: Path, shards: Callable[[], 
     if summary["samples"] != n or summary["errors"]:
         out["problem"] = f"{summary['samples']} of {n} images done, {summary['errors']} error rows"
     out["maps_dir"] = config.out
+    forecast_vs_run(config, work, out)
     mib = (lambda v: fmt(v / 2**20, 0) if v is not None else "-")
     print_table(f"(c) pipeline: {plan.pipeline_model} {','.join(plan.pipeline_methods)} {plan.pipeline_targets} "
                 f"{precision}, {n} images, batch {batch}, {device}",
@@ -124,7 +125,34 @@ def section_pipeline(plan: Plan, report: dict, work: Path, shards: Callable[[], 
                   fmt(out["images_per_second"]), fmt(out["ratio_to_bare"], 2), fmt(out["gpu_busy_fraction"], 2),
                   mib(out["peak_gpu_memory_bytes"])],
                  [f"  steady (actor ready after {fmt(out['actor_ready_seconds'])} s)", fmt(steady),
-                  fmt(out["steady_ratio_to_bare"], 2), fmt(out["gpu_busy_fraction_steady"], 2), ""]])
+                  fmt(out["steady_ratio_to_bare"], 2), fmt(out["gpu_busy_fraction_steady"], 2), ""],
+                 [f"  --plan's forecast (actor only; x steady {fmt(out['plan_ratio_to_steady'], 2)})",
+                  fmt(out["plan_images_per_second"]), fmt(out["plan_images_per_second"] / bare_ips, 2), "",
+                  mib(out["plan_peak_gpu_memory_bytes"])]])
+
+
+def forecast_vs_run(config: Any, work: Path, out: dict[str, Any]) -> None:
+    """jobs.attribute --plan's forecast of the run just measured (jobs.plan.forecast, the same config, into an
+    output folder that does not exist): ``plan_images_per_second`` (one actor's steady speed, 1 / its seconds per
+    image), ``plan_ratio_to_steady`` (that over the run's steady speed: how far the forecast is off), ``plan_seconds``
+    (what the forecast cost), ``plan_peak_gpu_memory_bytes`` and ``plan_output_bytes_ratio`` (forecast output bytes
+    over the bytes the run wrote)."""
+    from jobs.common import expand_shards
+    from jobs.plan import forecast
+    from workers.attribution_worker import AttributionWorker
+
+    start = time.perf_counter()
+    settings = dataclasses.replace(config, out=str(work / "plan_out"), overwrite=False)
+    plan = forecast(settings, config.worker, expand_shards(config.shards), settings.out,
+                    models.preprocessing_for(config.worker.model, config.worker.weights), AttributionWorker)
+    out["plan_seconds"] = time.perf_counter() - start
+    out["plan_images_per_second"] = 1 / plan["per_image"]["actor"]
+    steady = out.get("steady_images_per_second")
+    out["plan_ratio_to_steady"] = out["plan_images_per_second"] / steady if steady else None
+    out["plan_peak_gpu_memory_bytes"] = plan["trial"]["peak_device_bytes"]
+    written = sum(f.stat().st_size for f in Path(config.out, "attributions").rglob("*.parquet"))
+    out["plan_output_bytes_ratio"] = plan["output_bytes"] / written if written else None
+    out["plan_steps_seconds_per_image"] = {k: v["seconds_per_image"] for k, v in plan["steps"].items()}
 
 
 def section_evaluate(plan: Plan, report: dict, work: Path, shards: Callable[[], Shards]) -> None:

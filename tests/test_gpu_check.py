@@ -81,6 +81,9 @@ def test_pipeline_fields(tiny):
     for key in ("gpu_busy_fraction", "peak_gpu_memory_bytes"):  # measured on CUDA only
         assert key in pipe and pipe[key] is None, f"pipeline.{key} = {pipe.get(key)} on the CPU"
     assert pipe["maps_written"] == pipe["images"] * 5 * len(pipe["methods"])  # top-5 targets
+    assert positive(pipe["plan_images_per_second"]) and positive(pipe["plan_ratio_to_steady"])
+    assert set(pipe["plan_steps_seconds_per_image"]) == set(pipe["methods"])
+    assert pipe["plan_output_bytes_ratio"] == pytest.approx(1, rel=0.25)  # the same maps, encoded alike
 
 
 def test_evaluate_fields(tiny):

@@ -19,6 +19,7 @@ from attribution.precision import compute_precision
 from schemas.attributions import ERROR_SCHEMA, attribution_schema
 from schemas.maps import MapLayout
 from workers.batches import DecodedBatch, error_row
+from workers.crash_guard import guarded
 from workers.device import (device_images, exit_if_device_lost, is_out_of_memory, load_model,
                             release_cached_memory)
 
@@ -98,6 +99,9 @@ class AttributionWorker:
     def __call__(self, table: pa.Table) -> pa.Table:
         self.calls += 1
         self.last_seconds = {}
+        return guarded(table, self._call, "attribute")  # a sample that kills the process: an error row
+
+    def _call(self, table: pa.Table) -> pa.Table:
         decoded = DecodedBatch(table)
         tables: dict[MapLayout, list[pa.Table]] = {layout: [] for layout in self.schemas}
         if decoded.good:

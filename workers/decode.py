@@ -9,6 +9,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from attribution.images import SampleError, decode_sample
 from attribution.preprocessing import Preprocessing
+from workers.crash_guard import guarded
 
 DECODED_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("shard_total", pa.int64()), ("stage", pa.string()),
@@ -21,8 +22,13 @@ def decode_batch(batch: pa.Table, preprocessing: Preprocessing) -> pa.Table:
     """Raw sample rows (workers.shards.RAW_SCHEMA) -> decoded rows (DECODED_SCHEMA + ``pixels``).
 
     ``pixels``: uint8 [N, 3, S, S] (zeros for failed rows); ``stage``/``error``: None, or where and why the
-    sample failed (read errors pass through); boxes as JSON text (original pixels and map pixels).
+    sample failed (read errors pass through); boxes as JSON text (original pixels and map pixels). A sample that
+    kills the decoding process twice becomes a decode error (workers.crash_guard).
     """
+    return guarded(batch, lambda rows: _decode(rows, preprocessing), "decode")
+
+
+def _decode(batch: pa.Table, preprocessing: Preprocessing) -> pa.Table:
     size = preprocessing.input_size
     n = batch.num_rows
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}

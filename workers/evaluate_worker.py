@@ -26,6 +26,7 @@ from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import PIXEL_NOISE, SOLVE_DTYPES, noise_for, road_curves
 from schemas.metrics import METRIC_ERROR_SCHEMA, METRIC_SCHEMA
 from workers.batches import DecodedBatch, error_row
+from workers.crash_guard import guarded
 from workers.device import device_images, exit_if_device_lost, load_model
 from workers.map_metrics import (ATTRIBUTION_COLUMNS, MAP_METRICS, RowContext, map_metric_rows,
                                  sort_attribution_rows)
@@ -98,6 +99,9 @@ class EvaluateWorker:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         self.last_seconds = {}
+        return guarded(table, self._call, "evaluate")  # a sample that kills the process: an error row
+
+    def _call(self, table: pa.Table) -> pa.Table:
         decoded = DecodedBatch(table)
         batch, rows, errors, good = decoded.columns, decoded.rows, decoded.errors, decoded.good
         if good:

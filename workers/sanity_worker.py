@@ -17,6 +17,7 @@ from attribution.sanity import cascading_maps, randomisation_blocks, similarity_
 from schemas.attributions import ERROR_SCHEMA
 from schemas.metrics import SANITY_SCHEMA
 from workers.batches import DecodedBatch, error_row
+from workers.crash_guard import guarded
 from workers.device import device_images, exit_if_device_lost, load_model
 
 SANITY_TARGETS = ("top1", "label")
@@ -72,6 +73,9 @@ class SanityWorker:
         self.grid = set(config.grid_keys)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        return guarded(table, self._call, "attribute")  # a sample that kills the process: an error row
+
+    def _call(self, table: pa.Table) -> pa.Table:
         decoded = DecodedBatch(table)
         grids: list[bytes] = [b""] * len(decoded.rows)
         if decoded.good:

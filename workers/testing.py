@@ -47,3 +47,17 @@ class LostDeviceWorker(AttributionWorker):
             device.device_is_healthy = lambda _device: False
             aw.attribute_with_extras = lost
         return super().__call__(table)
+
+
+class PoisonWorker(AttributionWorker):
+    """Kills its own process (as a segfault would) whenever sample ``poison_key`` is among the samples it computes,
+    every time: the sample that workers.crash_guard must turn into an error row."""
+
+    def __init__(self, config: WorkerConfig, poison_key: str) -> None:
+        super().__init__(config)
+        self.poison_key = poison_key
+
+    def _attribute(self, decoded, tables) -> None:
+        if self.poison_key in [decoded.columns["key"][i] for i in decoded.good]:
+            os._exit(1)
+        super()._attribute(decoded, tables)
