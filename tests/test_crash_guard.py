@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -74,6 +75,17 @@ def test_a_live_or_healthy_run_is_not_touched(tmp_path):
     status, rows = attempt(tmp_path, ["a", "b"], "nothing")
     assert status == 0 and [r["key"] for r in rows] == ["a", "b"]
     assert not list((tmp_path / "ledger").iterdir())
+
+
+def test_no_place_for_records_runs_the_step_unguarded(tmp_path, monkeypatch, capsys):
+    from workers import crash_guard
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XAI_CRASH_LEDGER", str(tmp_path / "file" / "ledger"))  # under a file: cannot be made
+    monkeypatch.setattr(crash_guard, "_WARNED", False)
+    table = pa.table({"key": ["a"], "shard": ["s.tar"], "stage": pa.array([None], pa.string()),
+                      "error": pa.array([None], pa.string())})
+    assert crash_guard.guarded(table, lambda rows: rows.select(["key"]), "decode").to_pylist() == [{"key": "a"}]
+    assert "cannot keep in-flight records" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~25 s (two actor restarts); make test-slow. The default suite has the retry after a death

@@ -50,7 +50,8 @@ def guarded(table: pa.Table, step: Callable[[pa.Table], pa.Table], stage: str) -
     record = ledger_dir() / f"{_batch_id(_scope(), shards, keys)}.json"
     previous = _read(record)
     if previous is None or _alive(previous):
-        _write(record, "batch", keys, [])
+        if not _write(record, "batch", keys, []):
+            return step(table)  # no local disk to keep records on: unguarded, as Ray alone would run it
         try:
             return step(table)
         finally:
@@ -138,12 +139,25 @@ def _read(record: Path) -> dict | None:
         return None
 
 
-def _write(record: Path, mode: str, running: list[str], poison: list[str]) -> None:
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid()), "mode": mode,
-                               "running": running, "poison": poison}), encoding="utf-8")
-    os.replace(tmp, record)
+def _write(record: Path, mode: str, running: list[str], poison: list[str]) -> bool:
+    """Write the in-flight record; False (with one warning per process) where it cannot be written."""
+    global _WARNED
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid()), "mode": mode,
+                                   "running": running, "poison": poison}), encoding="utf-8")
+        os.replace(tmp, record)
+        return True
+    except OSError as exc:
+        if not _WARNED:
+            _WARNED = True
+            print(f"warning: cannot keep in-flight records in {record.parent} ({exc}); a sample that kills its "
+                  f"process will be retried by Ray without limit", file=sys.stderr, flush=True)
+        return False
+
+
+_WARNED = False
 
 
 def _remove(record: Path) -> None:
