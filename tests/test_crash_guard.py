@@ -77,6 +77,17 @@ def test_a_live_or_healthy_run_is_not_touched(tmp_path):
     assert not list((tmp_path / "ledger").iterdir())
 
 
+def test_records_of_killed_jobs_are_swept_after_a_day(tmp_path):
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    old, recent = ledger / "old.json", ledger / "recent.json"
+    for path in (old, recent):
+        path.write_text("{}")
+    os.utime(old, (1e9, 1e9))  # 2001
+    assert attempt(tmp_path, ["a"], "nothing")[0] == 0
+    assert sorted(p.name for p in ledger.iterdir()) == ["recent.json"]
+
+
 def test_no_place_for_records_runs_the_step_unguarded(tmp_path, monkeypatch, capsys):
     from workers import crash_guard
     (tmp_path / "file").write_text("")

@@ -17,7 +17,7 @@ runs knows the batch killed it:
 
 Ray retries a dead task on any node; where the retry lands on another node it starts there from step 1. The records
 live in ``XAI_CRASH_LEDGER`` (default ``<tmp>/xai-crash-ledger``). A record costs one small file write and delete per
-batch.
+batch; records of killed jobs are deleted after a day.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -144,6 +145,7 @@ def _write(record: Path, mode: str, running: list[str], poison: list[str]) -> bo
     global _WARNED
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(record.parent)
         tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid()), "mode": mode,
                                    "running": running, "poison": poison}), encoding="utf-8")
@@ -158,6 +160,22 @@ def _write(record: Path, mode: str, running: list[str], poison: list[str]) -> bo
 
 
 _WARNED = False
+_SWEPT: set[Path] = set()
+STALE_S = 24 * 3600  # a record this old belongs to a job that was killed (its batches are retried within minutes)
+
+
+def _sweep(directory: Path) -> None:
+    """Once per process: delete records left by killed jobs (older than STALE_S), so the folder does not grow."""
+    if directory in _SWEPT:
+        return
+    _SWEPT.add(directory)
+    cutoff = time.time() - STALE_S
+    for path in directory.glob("*.json"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _remove(record: Path) -> None:
