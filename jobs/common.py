@@ -27,7 +27,8 @@ def fail(message: str) -> NoReturn:
 
 
 # Exceptions of ours whose message is the whole story when a Ray actor or task raises them (one line for the user)
-_ONE_LINE_ERRORS = re.compile(r"^\s*(?:[\w.]+\.)?(AttributionError|JobError|StorageError|DeviceLostError): (.+)$")
+_ONE_LINE_ERRORS = re.compile(
+    r"^\s*(?:[\w.]+\.)?(AttributionError|JobError|StorageError|DeviceLostError|RepeatedCrashError): (.+)$")
 
 
 def ray_failure_line(exc: BaseException) -> str | None:

@@ -24,8 +24,9 @@ import os
 from workers.crash_guard import guarded
 
 
-def exit_on_key(table, key):  # the step: dies when key is a sample without an upstream error
-    if any(k == key and e is None for k, e in zip(table.column("key").to_pylist(), table.column("error").to_pylist())):
+def exit_on_key(table, key):  # the step: dies when key ("*": any) is a sample without an upstream error
+    pairs = zip(table.column("key").to_pylist(), table.column("error").to_pylist())
+    if any(key in (k, "*") and e is None for k, e in pairs):
         os._exit(1)
     return table.select(["key", "stage", "error"]).append_column("pid", pa.array([os.getpid()] * table.num_rows))
 
@@ -59,6 +60,29 @@ def test_a_sample_that_kills_every_time_becomes_an_error_row(tmp_path):
     assert (by_key["c"]["stage"], by_key["c"]["error"]) == ("decode", POISON_REASON)
     assert all(by_key[k]["error"] is None for k in "abd")
     assert list((tmp_path / "ledger").iterdir()) == []  # the batch's record is gone once it is done
+
+
+def test_a_process_that_dies_on_every_sample_stops_the_job(tmp_path):
+    """Two samples of one batch that each kill the process alone: the node, not the samples; no error rows."""
+    keys = ["a", "b", "c"]
+    for _ in range(3):  # the batch; a alone; b alone (a is marked)
+        assert attempt(tmp_path, keys, "*") == (1, None)
+    env = {**os.environ, "XAI_CRASH_LEDGER": str(tmp_path / "ledger"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(keys), "*", str(tmp_path / "rows.json")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and not (tmp_path / "rows.json").exists()
+    assert ("RepeatedCrashError: the process died on 2 samples of one batch of s.tar, each run alone (a, b)"
+            in done.stderr)
+    assert line_of(done.stderr) == ("a Ray task stopped: the process died on 2 samples of one batch of s.tar, each "
+                                    "run alone (a, b): the node or its device fails, not the samples")
+
+
+def line_of(stderr: str) -> str | None:
+    """What jobs.common.ray_failure_line makes of a Ray task that raised this (its text is the task's traceback)."""
+    import ray.exceptions
+
+    from jobs.common import ray_failure_line
+    return ray_failure_line(ray.exceptions.RayTaskError("step", stderr, RuntimeError("x")))
 
 
 def test_one_death_costs_one_run_sample_by_sample(tmp_path):

@@ -13,7 +13,9 @@ runs knows the batch killed it:
 1. the whole batch was in flight: now each of its samples runs alone, each under its own record;
 2. one sample was in flight alone: it killed the process twice (with its batch, then alone), so it becomes an error
    row of the step (``stage``: "the process died twice while working on this sample …") and is not run again; the
-   batch's other samples run alone.
+   batch's other samples run alone;
+3. a second sample of the batch kills the process alone too: that is the node (a broken driver, a failing GPU), not
+   the samples, so :class:`RepeatedCrashError` stops the job (one line) rather than commit a shard of error rows.
 
 Ray retries a dead task on any node; where the retry lands on another node it starts there from step 1. The records
 live in ``XAI_CRASH_LEDGER`` (default ``<tmp>/xai-crash-ledger``). A record costs one small file write and delete per
@@ -31,6 +33,11 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
+
+class RepeatedCrashError(RuntimeError):
+    """Processes died on more than one sample of a batch, each run alone: the node or its device fails (a broken
+    driver, a bad GPU), not the samples; the job stops instead of writing every sample off as an error row."""
+
 
 POISON_REASON = ("the process died twice while working on this sample (with its batch, then alone): a crash or an "
                  "out-of-memory kill; skipped")
@@ -60,6 +67,10 @@ def guarded(table: pa.Table, step: Callable[[pa.Table], pa.Table], stage: str) -
     poison = list(previous.get("poison", []))
     if previous.get("mode") == "single":
         poison += [k for k in previous.get("running", []) if k not in poison]
+    if len(poison) > 1:
+        _remove(record)
+        raise RepeatedCrashError(f"the process died on {len(poison)} samples of one batch of {shards[0]}, each run "
+                                 f"alone ({', '.join(poison[:3])}): the node or its device fails, not the samples")
     if poison:
         table = _mark_failed(table, set(poison), stage)
     failed = table.column("error").to_pylist()
@@ -185,4 +196,4 @@ def _remove(record: Path) -> None:
         pass
 
 
-__all__ = ["POISON_REASON", "guarded", "ledger_dir"]
+__all__ = ["POISON_REASON", "RepeatedCrashError", "guarded", "ledger_dir"]
