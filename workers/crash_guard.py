@@ -7,8 +7,8 @@ kill — would then be retried forever and the job would never end, nor say why.
 
 :func:`guarded` runs a step (the decode task, an actor's call) on a batch while a small record on the node's local
 disk names the batch's samples in flight and the process that runs them; the record is removed when the step returns
-or raises. A retry of the batch (in the same Ray job, on the same node) that finds the record of a process that no longer
-runs knows the batch killed it:
+or raises. A retry of the batch (in the same Ray job, on the same node) that finds the record of a process that no
+longer runs knows the batch killed it:
 
 1. the whole batch was in flight: now each of its samples runs alone, each under its own record;
 2. one sample was in flight alone: it killed the process twice (with its batch, then alone), so it becomes an error
