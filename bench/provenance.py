@@ -6,6 +6,10 @@ from pathlib import Path
 
 import torch
 
+from workers.device import device_name  # the one place; benchmarks import it from here too
+
+__all__ = ["device_name", "git_commit", "versions"]
+
 
 def versions() -> dict[str, str]:
     """{package: version} of Python, torch and the reference libraries ("not installed" where missing)."""
@@ -31,16 +35,3 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("-dirty" if dirty else "")) or None
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name from /proc/cpuinfo (else ``platform.processor()``)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"

@@ -21,15 +21,13 @@ import posixpath
 from collections import defaultdict
 from typing import Any, Callable
 
+from attribution.data.shards import MANIFEST
 from jobs.common import ensure_ray
 from jobs.scaffold import ActorJobSettings, actor_plan
 from schemas.storage import resolve_filesystem
 from workers.shards import shard_name
 from workers.sink import OutputStore
 from workers.trial import trial_batches
-
-SHARD_MANIFEST = "shards.json"  # what jobs.make_shards writes beside its shards (attribution.data.shards.MANIFEST)
-
 
 def shard_sizes(uris: list[str]) -> dict[str, int | None]:
     """{shard URI: its number of samples} from the ``shards.json`` of each shard's directory (None where the shard
@@ -39,7 +37,7 @@ def shard_sizes(uris: list[str]) -> dict[str, int | None]:
     for uri in uris:
         directory = posixpath.dirname(uri)
         if directory not in listed:
-            listed[directory] = _listed_sizes(posixpath.join(directory, SHARD_MANIFEST))
+            listed[directory] = _listed_sizes(posixpath.join(directory, MANIFEST))
         sizes[uri] = listed[directory].get(shard_name(uri))
     return sizes
 

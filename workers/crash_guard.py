@@ -34,6 +34,7 @@ from typing import Callable
 
 import pyarrow as pa
 
+
 class RepeatedCrashError(RuntimeError):
     """Processes died on more than one sample of a batch, each run alone: the node or its device fails (a broken
     driver, a bad GPU), not the samples; the job stops instead of writing every sample off as an error row."""
@@ -129,6 +130,17 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _own_start() -> str | None:
+    """This process's start time (:func:`_process_start`), read once per process (a fork reads its own)."""
+    global _OWN
+    if _OWN is None or _OWN[0] != os.getpid():
+        _OWN = (os.getpid(), _process_start(os.getpid()))
+    return _OWN[1]
+
+
+_OWN: tuple[int, str | None] | None = None
+
+
 def _alive(record: dict) -> bool:
     """Whether the process that wrote ``record`` still runs (the same pid with the same start time)."""
     pid = record.get("pid")
@@ -158,7 +170,7 @@ def _write(record: Path, mode: str, running: list[str], poison: list[str]) -> bo
         record.parent.mkdir(parents=True, exist_ok=True)
         _sweep(record.parent)
         tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid()), "mode": mode,
+        tmp.write_text(json.dumps({"pid": os.getpid(), "start": _own_start(), "mode": mode,
                                    "running": running, "poison": poison}), encoding="utf-8")
         os.replace(tmp, record)
         return True

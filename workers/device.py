@@ -156,6 +156,20 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (else ``platform.processor()``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def device_images(spec: models.ModelSpec, pixels: np.ndarray, channels_last: bool = False) -> torch.Tensor:
     """uint8 pixels [N, 3, S, S] (host) -> normalised float32 images [N, 3, S, S] on the model's device: one
     copy of the uint8 batch (pinned and non-blocking on CUDA), then /255 and the model's normalisation there."""
@@ -166,6 +180,6 @@ def device_images(spec: models.ModelSpec, pixels: np.ndarray, channels_last: boo
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-__all__ = ["DEVICE_LOST_EXIT_CODE", "DeviceLostError", "HALF_PRECISIONS", "device_images", "device_is_healthy",
+__all__ = ["DEVICE_LOST_EXIT_CODE", "DeviceLostError", "HALF_PRECISIONS", "device_images", "device_name", "device_is_healthy",
            "exit_if_device_lost", "is_out_of_memory", "load_model", "release_cached_memory", "resolve_device",
            "retain_freed_memory"]

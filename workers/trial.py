@@ -23,6 +23,7 @@ import torch
 
 from workers.batches import ipc_tables
 from workers.decode import decode_batch
+from workers.device import device_name
 from workers.shards import RAW_SCHEMA, read_shard
 from workers.sink import parquet_options
 from workers.staging import write_parts
@@ -103,7 +104,7 @@ def trial_batches(worker_cls: type, worker_config: Any, uris: list[str], preproc
                              "steps": dict(getattr(worker, "last_seconds", {}))})
         staged_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(staging) for f in files)
     return {
-        "device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
+        "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
         "shard_samples": shard_samples, "images": decoded.num_rows, "batch_size": batch_size,
         "read_seconds": read_seconds, "read_samples": len(rows), "decode_seconds": decode_seconds,
         "load_seconds": load_seconds, "batches": measured, "staged_bytes": staged_bytes,
@@ -130,18 +131,6 @@ def _parquet_bytes(table: pa.Table) -> int:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    import platform
-    return names[0] if names else (platform.processor() or platform.machine() or "cpu")
 
 
 __all__ = ["trial_batches"]
