@@ -28,7 +28,10 @@ call each, then ``--repeats`` rounds, median):
   over steps of (p - p on the image), ours vs pytorch-grad-cam, differs by the noise draws and σ, and by
   pytorch-grad-cam's percentile thresholds (ties) vs our rank counting. Each reference call takes seconds per
   image, so ROAD has its own ``--road-repeats`` (default 1, after one warm-up of ours only). Ours also runs at the
-  first chunk size with the float32 solve (``--road-dtype float32`` of jobs.evaluate), marked "float32".
+  first chunk size with the float32 solve (``--road-dtype float32`` of jobs.evaluate), marked "float32", and with
+  the Jacobi preconditioner (the solver before the multigrid one, same pixels), marked "jacobi". The floor: the
+  model's forward passes alone over the same 18 imputed images per image at the first chunk size (what ROAD
+  would cost if imputing were free); "ours / floor" is ours' time over it.
 
 Ours is timed at each ``--chunk-size`` (perturbed images per forward pass): large chunks are what a GPU wants;
 on a small CPU, batches beyond ~8 images run slower per image (cache), so compare at chunk 8 there.
@@ -64,6 +67,7 @@ from attribution.metrics.perturbation import (
     perturbation_curves,
     pixel_order,
 )
+from attribution.metrics.road import DEFAULT_FRACTIONS as ROAD_FRACTIONS
 from attribution.metrics.road import SOLVE_DTYPES, noise_for, road_curves
 from attribution.preprocessing import Preprocessing
 from bench.inputs import build_spec, mixed_targets, photo_batch
@@ -137,11 +141,14 @@ def bench_metric(name: str, ours: dict[int, Callable[[], Tensor]], reference: Ca
 
 def table(rows: list[dict]) -> str:
     """The results (rows of :func:`bench_metric` / :func:`bench_road`) as a text table, one line per chunk size."""
-    head = ("metric", "chunk", "ours img/s", "reference img/s", "speed-up (ref/ours s)", "max |ours - ref|")
-    lines = [(r["metric"] if i == 0 else "", f"{o['chunk_size']}{' float32' if o.get('dtype') == 'float32' else ''}",
+    head = ("metric", "chunk", "ours img/s", "reference img/s", "speed-up (ref/ours s)", "max |ours - ref|",
+            "ours / floor")
+    lines = [(r["metric"] if i == 0 else "", " ".join([str(o["chunk_size"])] + [
+                 v for v in (o.get("dtype"), o.get("preconditioner")) if v in ("float32", "jacobi")]),
               f"{o['images_per_s']:.2f}",
               f"{r['quantus']['images_per_s']:.2f}" if i == 0 else "", f"{o['speedup']:.2f}x",
-              f"{o['max_abs_diff']:.1e}") for r in rows for i, o in enumerate(r["ours"])]
+              f"{o['max_abs_diff']:.1e}", f"{o['floor_ratio']:.1f}x" if "floor_ratio" in o else "")
+             for r in rows for i, o in enumerate(r["ours"])]
     return text_table(head, lines)
 
 
@@ -158,10 +165,11 @@ def gradcam_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor
 
 
 def ours_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, noise: Tensor, chunk: int,
-              dtype: torch.dtype = torch.float64) -> tuple[Tensor, dict]:
+              dtype: torch.dtype = torch.float64, preconditioner: str = "multigrid") -> tuple[Tensor, dict]:
     """Ours, in pytorch-grad-cam's units: [N, 2] = mean over steps of p - p on the image (MoRF, LeRF); + solver
-    (``dtype``: the imputation solve's precision)."""
-    out = road_curves(model, images, maps, targets, noise=noise.to(images.device), chunk_size=chunk, dtype=dtype)
+    (``dtype``/``preconditioner``: the imputation solve's)."""
+    out = road_curves(model, images, maps, targets, noise=noise.to(images.device), chunk_size=chunk, dtype=dtype,
+                      preconditioner=preconditioner)
     with torch.inference_mode():
         p0 = model(images).float().softmax(dim=1).gather(1, targets[:, None])[:, 0]
     diff = torch.stack([out[o]["prob"].mean(dim=1) - p0 for o in ("morf", "lerf")], dim=1).double().cpu()
@@ -169,37 +177,57 @@ def ours_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, n
     return diff, {"iterations": info.iterations, "max_residual": info.max_residual, "converged": info.converged}
 
 
+def forward_floor(model: nn.Module, images: Tensor, chunk: int) -> Callable[[], Tensor]:
+    """ROAD's forward passes alone: the model over 2 orders x 9 fractions copies of ``images`` [N, C, H, W] in
+    chunks of ``chunk``, under inference mode. Returns the timed callable (its result: the logits' sum)."""
+    copies = images.repeat_interleave(2 * len(ROAD_FRACTIONS), dim=0)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return sum(model(copies[i:i + chunk]).float().sum() for i in range(0, len(copies), chunk))
+    return run
+
+
 def bench_road(model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, noise: Tensor, chunks: list[int],
                repeats: int, device: torch.device, max_foreign: float, wait_quiet_s: float) -> dict:
     """ROAD (MoRF + LeRF at 9 fractions) images/s, ours at each chunk size (float64 solve) and at the first chunk
-    size with the float32 solve (jobs.evaluate --road-dtype float32) vs pytorch-grad-cam, interleaved."""
+    size with the float32 solve (jobs.evaluate --road-dtype float32) and with the Jacobi preconditioner, vs
+    pytorch-grad-cam and the forward-pass floor, interleaved."""
     solver: dict[str, dict] = {}
-    variants = {f"ours_chunk{c}": (c, "float64") for c in chunks}
-    variants[f"ours_chunk{chunks[0]}_float32"] = (chunks[0], "float32")
+    variants = {f"ours_chunk{c}": (c, "float64", "multigrid") for c in chunks}
+    variants[f"ours_chunk{chunks[0]}_float32"] = (chunks[0], "float32", "multigrid")
+    variants[f"ours_chunk{chunks[0]}_jacobi"] = (chunks[0], "float64", "jacobi")
 
     def ours(name: str) -> Callable[[], Tensor]:
-        chunk, dtype = variants[name]
+        chunk, dtype, preconditioner = variants[name]
 
         def run() -> Tensor:
-            diff, solver[name] = ours_road(model, images, maps, targets, noise, chunk, SOLVE_DTYPES[dtype])
+            diff, solver[name] = ours_road(model, images, maps, targets, noise, chunk, SOLVE_DTYPES[dtype],
+                                           preconditioner)
             return diff
         return run
 
     for name in variants:  # warm-up of ours only: the reference's one-time costs are negligible next to its solves
         ours(name)()
     fns: dict[str, Callable] = {name: ours(name) for name in variants}
+    fns["forward_floor"] = forward_floor(model, images, chunks[0])
+    fns["forward_floor"]()
     fns["pytorch_grad_cam"] = lambda: gradcam_road(model, images, maps, targets)
     results, times, loads = interleaved(fns, repeats, device, max_foreign=max_foreign, retries=0,
                                         wait_quiet_s=wait_quiet_s, warmup=False)
     batch = images.shape[0]
     ref = per_image_stats(times["pytorch_grad_cam"], loads["pytorch_grad_cam"], batch)
+    floor = per_image_stats(times["forward_floor"], loads["forward_floor"], batch)
     row: dict[str, Any] = {"metric": "road", "reference": "pytorch-grad-cam ROAD{Most,Least}RelevantFirstAverage",
-                           "quantus": {**ref, "images_per_s": 1 / ref["s_per_image"]}, "ours": []}
-    for name, (chunk, dtype) in variants.items():
+                           "quantus": {**ref, "images_per_s": 1 / ref["s_per_image"]},
+                           "floor": {**floor, "images_per_s": 1 / floor["s_per_image"], "chunk_size": chunks[0],
+                                     "what": "the model's 18 forward passes per image alone"}, "ours": []}
+    for name, (chunk, dtype, preconditioner) in variants.items():
         o = per_image_stats(times[name], loads[name], batch)
         diff = float(np.abs(results[name].numpy() - results["pytorch_grad_cam"]).max())
-        row["ours"].append({"chunk_size": chunk, "dtype": dtype, **o, "images_per_s": 1 / o["s_per_image"],
-                            "speedup": ref["s_per_image"] / o["s_per_image"], "max_abs_diff": diff,
+        row["ours"].append({"chunk_size": chunk, "dtype": dtype, "preconditioner": preconditioner, **o,
+                            "images_per_s": 1 / o["s_per_image"], "speedup": ref["s_per_image"] / o["s_per_image"],
+                            "max_abs_diff": diff, "floor_ratio": o["s_per_image"] / floor["s_per_image"],
                             "solver": solver[name]})
     return row
 
@@ -297,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
                                args.road_repeats, device, args.max_foreign, args.wait_quiet))
         print(f"  road ({k} images, MoRF + LeRF at 9 fractions): {time.perf_counter() - t0:.1f} s", flush=True)
         for o in rows[-1]["ours"]:
-            print(f"    ours chunk {o['chunk_size']} {o['dtype']}: CG {o['solver']}", flush=True)
+            print(f"    ours chunk {o['chunk_size']} {o['dtype']} {o['preconditioner']}: CG {o['solver']}", flush=True)
 
     print()
     print(table(rows))
