@@ -50,8 +50,8 @@ class EvaluateConfig:
     authors' 0.01; divided by the preprocessing std for the normalised images); ``road_seed``: a sample's noise
     comes from crc32(f"{road_seed}:{key}") (then attribution.metrics.road.step_seed per order and step), so it is
     the same for every method, batch composition and rerun; ``road_dtype``: the imputation solve's precision,
-    "float64" (default) or "float32" (4-6x faster on a CPU and on GPUs with slow float64; imputed pixels within
-    ~1e-4 pixel units of the exact solution, ~90x below the noise: attribution.metrics.road.linear_imputation).
+    "float64" (default) or "float32" (2-4x faster on a CPU, far more on GPUs with slow float64; imputed pixels
+    within ~2e-4 pixel units of the exact solution, >= 45x below the noise: attribution.metrics.road.linear_imputation).
     """
 
     attributions: str

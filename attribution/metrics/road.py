@@ -69,7 +69,7 @@ ORDERS = ("morf", "lerf")
 DEFAULT_FRACTIONS = tuple(i / 10 for i in range(1, 10))
 PIXEL_NOISE = 0.01  # the authors' σ in [0, 1] pixel units
 DEFAULT_TOL = 1e-8  # max |residual|; measured error vs spsolve <= ~100x this on a 224-px hole (1e-6)
-FLOAT32_TOL = 1e-6  # the float32 solve's default: its true residual bottoms out at ~2-4e-6 (rounding)
+FLOAT32_TOL = 1e-6  # the float32 solve's default: its true residual ends near rounding, ~0.5-3e-6
 SOLVE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_MAX_ITER = 5000
 
@@ -102,10 +102,11 @@ def linear_imputation(images: Tensor, removed: Tensor, *, noise: float | Sequenc
     per image (default 0, 1, …), each image's noise from ``torch.Generator().manual_seed(seed)`` on the CPU
     (device-independent). ``tol``: max |residual| per equation at which a system stops (images' units; default
     DEFAULT_TOL = 1e-8 in float64, FLOAT32_TOL = 1e-6 in float32); ``max_iter``: CG iteration cap; ``dtype``: the
-    solve's precision — float64 (default) or float32, 4-6x faster on a CPU (and on GPUs with slow float64 far
-    more), whose true residual stops at ~2-4e-6 (rounding), so its imputed pixels differ from the exact solution
-    by up to ~5e-4 in normalised units (~1e-4 in [0, 1] pixel units, ~200x the reported residual) on the hardest
-    case, a 224-px hole (MoRF 90 % of a smooth map): ~90x below ROAD's noise; ``preconditioner``: "multigrid"
+    solve's precision — float64 (default) or float32, 2-4x faster on a CPU (and on GPUs with slow float64 far
+    more), whose true residual ends near rounding (~0.5-3e-6), so its imputed pixels differ from the exact
+    solution by up to ~1e-3 in normalised units (~2e-4 in [0, 1] pixel units) on the hardest cases measured,
+    224-px holes (MoRF 90 % of a smooth map), with either preconditioner: >= ~45x below ROAD's noise;
+    ``preconditioner``: "multigrid"
     (default) or "jacobi" (the earlier solver; same solution, 10-40x the iterations). Returns [N, C, H, W]
     in the images' dtype and device (kept pixels bit-identical), and with ``return_info`` also an
     :class:`ImputationInfo`."""
