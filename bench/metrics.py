@@ -7,8 +7,8 @@
 
 Inputs (built with bench.inputs' helpers): the model with random weights (BatchNorm statistics randomised as a
 trained network's), a batch of real scikit-image photos (preprocessed at ``--size``), the targets = each photo's
-own top-1..5 class (as bench.methods), and the maps of ``--method`` for those targets. Timed, interleaved round by round (one warm-up
-call each, then ``--repeats`` rounds, median):
+own top-1..5 class (as bench.methods), and the maps of ``--method`` for those targets. Timed, interleaved round
+by round (one warm-up call each, then ``--repeats`` rounds, median):
 
 * **morf** — ours: ``perturbation_curves(mode="remove")``, black baseline, fractions 1/S … 1 (S = ``--steps``);
   Quantus: ``PixelFlipping`` on the same model behind a normalisation layer (so that Quantus' scalar fill 0.0 is

@@ -24,7 +24,7 @@ absolute residual of its equations is at most ``tol`` (the images' units; stoppe
 so the rest does not pay for them); the loop ends when all have stopped or after ``max_iter`` iterations, and the
 true residual ``b - A x`` of the returned solution is recomputed and reported (:class:`ImputationInfo`). Default
 ``tol`` = 1e-8: the error is at most ~100× the residual on the hardest case measured (a 224-px hole, MoRF 90 % of
-a smooth map: error ~1e-6), 100× inside the 1e-4 asked for. The multigrid preconditioner needs ~12-24 iterations
+a smooth map: error ~1e-6), 100× inside the 1e-4 asked for. The multigrid preconditioner needs 8-24 iterations
 for any hole where Jacobi's needed 50-690 (a hole d px across costs Jacobi-CG ∝ d iterations); it changes the
 number of iterations, not the solution (``preconditioner="jacobi"`` gives the same pixels within the stopping
 rule). Why CG and not a direct solve: the operator never has to be assembled, every image, channel and step of a

@@ -15,10 +15,11 @@ own max |residual| (see :func:`solve`). Two preconditioners (``PRECONDITIONERS``
   the unknowns. Smoother: Jacobi, ``SMOOTHING_SWEEPS`` sweeps before and after the coarse correction (the same
   count both sides, so the V-cycle is a symmetric positive definite operator, as CG needs; for this stencil
   D⁻¹A's spectrum lies in (0, 4/3], so undamped Jacobi divides the error's upper half of frequencies by ≥ 3).
-  The hierarchy stops at ``COARSEST`` px (there: ``COARSEST_SWEEPS`` Jacobi sweeps) or where no coarse pixel
+  The hierarchy stops at ``MULTIGRID_COARSEST`` px (there: ``COARSEST_SWEEPS`` Jacobi sweeps) or where no coarse pixel
   is unknown (masks of scattered pixels; then the V-cycle is the smoothing alone). Why: a hole ~d px across has
   a smallest eigenvalue ~1/d², and Jacobi-preconditioned CG needs iterations ∝ d (~550-690 at 224 px); with the
-  V-cycle the count hardly depends on d (~12-24). Each iteration costs ~3 operator applications more.
+  V-cycle the count hardly depends on d (8-24 measured). Each iteration costs 4 operator applications more on
+  the full grid (and a third of that on the coarser ones).
 * ``"jacobi"``: divide by D (the solver before the multigrid one; kept for comparison in bench.metrics).
 
 Both start from the same problem solved on a 2× coarser grid (:func:`_coarse_guess`), which changes only the
